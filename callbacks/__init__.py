@@ -1,0 +1,8 @@
+"""Lightning callbacks for SlimFit, installed as ``slimfit.callbacks``.
+
+Thin glue: each hook calls into the plain-PyTorch core in ``slimfit``.
+"""
+
+from slimfit.callbacks.memory_monitor import MemoryMonitor
+
+__all__ = ["MemoryMonitor"]

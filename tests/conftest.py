@@ -1,0 +1,83 @@
+"""Shared test setup: offline, deterministic, quiet hubs and loggers."""
+
+import os
+
+# Set before anything imports transformers / wandb: no hub lookups (a failed one
+# spends ~45 s in DNS retries) and no W&B network traffic.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def tiny_bert(attn: str = "eager", num_labels: int = 2):
+    """A 2-layer BERT from config (random init), small enough for unit tests."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64, num_labels=num_labels,
+                     attn_implementation=attn)
+    return BertForSequenceClassification(cfg)
+
+
+def token_loader(n: int = 32, batch_size: int = 4, seq: int = 16, vocab: int = 128, seed: int = 0):
+    """Random token classification data (fixed seed) for callback tests."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, vocab, (n, seq), generator=g)
+    y = torch.randint(0, 2, (n,), generator=g)
+    ds = torch.utils.data.TensorDataset(x, y)
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)
+
+
+def lit_module(model=None, optimizer: str = "adamw", lr: float = 1e-3):
+    """A minimal LightningModule around a HF classifier (imported lazily: the
+    core tests must not need Lightning)."""
+    import lightning.pytorch as pl
+
+    class Lit(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = model if model is not None else tiny_bert()
+
+        def training_step(self, batch, _idx):
+            x, y = batch
+            return self.model(input_ids=x, labels=y).loss
+
+        def configure_optimizers(self):
+            return make_optimizer(optimizer, self.parameters(), lr)
+
+    return Lit()
+
+
+def make_optimizer(name: str, params, lr: float = 1e-3):
+    params = list(params)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.1)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=0.1)
+    if name == "adamw8bit":
+        import bitsandbytes as bnb
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=0.1, min_8bit_size=256)
+    raise ValueError(name)
+
+
+def trainer(tmp_path, **kw):
+    import lightning.pytorch as pl
+
+    base = dict(default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=False,
+                enable_checkpointing=False, enable_progress_bar=False,
+                enable_model_summary=False, num_sanity_val_steps=0)
+    base.update(kw)
+    return pl.Trainer(**base)
