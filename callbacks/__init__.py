@@ -4,5 +4,6 @@ Thin glue: each hook calls into the plain-PyTorch core in ``slimfit``.
 """
 
 from slimfit.callbacks.memory_monitor import MemoryMonitor
+from slimfit.callbacks.slimfit import SlimFit
 
-__all__ = ["MemoryMonitor"]
+__all__ = ["MemoryMonitor", "SlimFit"]

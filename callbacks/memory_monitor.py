@@ -95,9 +95,10 @@ class MemoryMonitor(pl.Callback):
 
     def on_train_end(self, trainer, pl_module):
         self._reset()
+        # trainer.log_dir is a collective under DDP: every rank must read it.
+        root = self.output_dir or pathlib.Path(trainer.log_dir or trainer.default_root_dir) / "memory"
         if not self.history or not trainer.is_global_zero:
             return
-        root = self.output_dir or pathlib.Path(trainer.log_dir or trainer.default_root_dir) / "memory"
         self.files = write_memory_files(self.history, root, depth=self.depth)
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):

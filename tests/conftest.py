@@ -10,6 +10,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import lightning.pytorch as pl  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -41,24 +42,25 @@ def token_loader(n: int = 32, batch_size: int = 4, seq: int = 16, vocab: int = 1
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)
 
 
+class LitClassifier(pl.LightningModule):
+    """A minimal LightningModule around a HF classifier (module level: picklable
+    for ddp_spawn)."""
+
+    def __init__(self, model=None, optimizer: str = "adamw", lr: float = 1e-3):
+        super().__init__()
+        self.model = model if model is not None else tiny_bert()
+        self.optimizer_name, self.lr = optimizer, lr
+
+    def training_step(self, batch, _idx):
+        x, y = batch
+        return self.model(input_ids=x, labels=y).loss
+
+    def configure_optimizers(self):
+        return make_optimizer(self.optimizer_name, self.parameters(), self.lr)
+
+
 def lit_module(model=None, optimizer: str = "adamw", lr: float = 1e-3):
-    """A minimal LightningModule around a HF classifier (imported lazily: the
-    core tests must not need Lightning)."""
-    import lightning.pytorch as pl
-
-    class Lit(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.model = model if model is not None else tiny_bert()
-
-        def training_step(self, batch, _idx):
-            x, y = batch
-            return self.model(input_ids=x, labels=y).loss
-
-        def configure_optimizers(self):
-            return make_optimizer(optimizer, self.parameters(), lr)
-
-    return Lit()
+    return LitClassifier(model, optimizer, lr)
 
 
 def make_optimizer(name: str, params, lr: float = 1e-3):
@@ -74,8 +76,6 @@ def make_optimizer(name: str, params, lr: float = 1e-3):
 
 
 def trainer(tmp_path, **kw):
-    import lightning.pytorch as pl
-
     base = dict(default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=False,
                 enable_checkpointing=False, enable_progress_bar=False,
                 enable_model_summary=False, num_sanity_val_steps=0)

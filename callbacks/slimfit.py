@@ -1,0 +1,193 @@
+"""``SlimFit``: per-iteration layer freezing (arXiv 2305.18513) as one Lightning
+callback. The method lives in :class:`slimfit.freezer.LayerFreezer`; this file
+maps it onto Lightning's hooks and guards the setups where it would be
+silently wrong.
+
+Hook map (one optimizer step, any gradient accumulation):
+
+* ``on_train_batch_start`` of the first micro-batch: decide the frozen set
+  (rank 0's decision broadcast under DDP) and apply it;
+* ``on_before_optimizer_step``: snapshot the trained units (after backward;
+  gradients already unscaled under AMP);
+* ``on_train_batch_end`` once ``global_step`` advanced: score the trained units.
+  A step skipped by the grad scaler moves no weight and is not a measurement.
+
+Refused with a clear error: FSDP, DeepSpeed and other sharded strategies; DDP
+without ``find_unused_parameters=True`` or with ``static_graph``; manual
+optimization; candidates missing from the optimizer or frozen when DDP wrapped
+the model (they would never be synchronised).
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any, Sequence
+
+import lightning.pytorch as pl
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities import rank_zero_info
+
+from slimfit.config import SlimFitConfig
+from slimfit.errors import UnsupportedSetupError
+from slimfit.freezer import LayerFreezer
+from slimfit.selection import Pattern
+
+__all__ = ["SlimFit"]
+
+_SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAStrategy",
+            "SingleDeviceXLAStrategy")
+
+
+def check_strategy(strategy: Any) -> None:
+    """Raise :class:`UnsupportedSetupError` unless per-step freezing is correct under it."""
+    name = type(strategy).__name__
+    if name in _SHARDED or not isinstance(strategy, (DDPStrategy, SingleDeviceStrategy)):
+        raise UnsupportedSetupError(
+            f"SlimFit does not support strategy {name}: sharded strategies fix the trainable set "
+            "at initialisation (DeepSpeed) or need uniform requires_grad per unit (FSDP), so "
+            "per-step freezing would fail or save nothing. Use a single device or "
+            "strategy='ddp_find_unused_parameters_true'.")
+    if isinstance(strategy, DDPStrategy):
+        kw = getattr(strategy, "_ddp_kwargs", {})
+        if not kw.get("find_unused_parameters", False):
+            raise UnsupportedSetupError(
+                "SlimFit under DDP needs find_unused_parameters=True (frozen layers produce no "
+                "gradient, and DDP otherwise fails with 'Expected to have finished reduction'). "
+                "Use Trainer(strategy='ddp_find_unused_parameters_true') (or "
+                "'ddp_spawn_find_unused_parameters_true'), or "
+                "DDPStrategy(find_unused_parameters=True).")
+        if kw.get("static_graph", False):
+            raise UnsupportedSetupError(
+                "SlimFit changes the trainable set every step, which DDP's static_graph=True "
+                "forbids ('training graph has changed'). Remove static_graph=True from DDPStrategy.")
+
+
+class SlimFit(pl.Callback):
+    """Freeze the least-moving ``freeze_rate`` of the weight tensors every optimizer step.
+
+    Args:
+        freeze_rate: fraction r in [0, 1) of candidate units frozen each step.
+        include / exclude / always_train / groups / seed / max_frozen_age /
+            score_eps: see :class:`slimfit.config.SlimFitConfig`.
+        log_every_n_steps: log frozen fraction and score statistics this often.
+        output_dir: where the heatmap and summary go at the end of training
+            (default ``<log_dir or default_root_dir>/slimfit``).
+
+    Raises:
+        SlimFitError: invalid options (at construction); unsupported trainer
+            setups, patterns that match nothing or a model with no candidate
+            (at ``setup``).
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[SlimFit(freeze_rate=0.9, always_train=["classifier.weight"])])
+    """
+
+    def __init__(self, freeze_rate: float = 0.9, *, include: Pattern | None = None,
+                 exclude: Pattern | None = None, always_train: Pattern | None = None,
+                 groups: Sequence[str] | None = None, seed: int = 0,
+                 max_frozen_age: int | None = None, score_eps: float = 1e-8,
+                 log_every_n_steps: int = 1, output_dir: str | None = None):
+        self.config = SlimFitConfig(freeze_rate=freeze_rate, include=include, exclude=exclude,
+                                    always_train=always_train, groups=groups, seed=seed,
+                                    max_frozen_age=max_frozen_age, score_eps=score_eps)
+        if isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) \
+                or log_every_n_steps < 1:
+            raise ValueError(f"log_every_n_steps must be a positive int, got {log_every_n_steps!r}.")
+        self.log_every_n_steps = log_every_n_steps
+        self.output_dir = output_dir
+        self.freezer: LayerFreezer | None = None
+        self.files: dict[str, pathlib.Path] = {}
+        self._pending_state: dict | None = None
+        self._open_step: int | None = None
+
+    # -- setup and checks ------------------------------------------------------
+    def setup(self, trainer, pl_module, stage):
+        if stage != "fit":
+            return
+        check_strategy(trainer.strategy)
+        if self.freezer is None:
+            self.freezer = LayerFreezer(pl_module, self.config)
+            rank_zero_info(f"SlimFit: {self.freezer.selection}; {self.freezer.num_frozen} of "
+                           f"{len(self.freezer.units)} units frozen per step.")
+        if self._pending_state is not None:
+            self.freezer.load_state_dict(self._pending_state)
+            self._pending_state = None
+
+    def on_fit_start(self, trainer, pl_module):
+        if not pl_module.automatic_optimization:
+            raise UnsupportedSetupError(
+                "SlimFit needs automatic optimization (one optimizer step per training step); "
+                "set self.automatic_optimization = True in the LightningModule.")
+        if len(trainer.optimizers) != 1:
+            raise UnsupportedSetupError(
+                f"SlimFit supports exactly one optimizer, got {len(trainer.optimizers)}.")
+        in_opt = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+        missing = [u.name for u in self.freezer.units if any(id(p) not in in_opt for p in u.params)]
+        if missing:
+            raise UnsupportedSetupError(
+                f"{len(missing)} SlimFit candidate(s) are not in the optimizer (e.g. {missing[:3]}); "
+                "they would never be trained. Pass all trainable parameters to the optimizer or "
+                "exclude them with SlimFit(exclude=[...]).")
+        frozen = [u.name for u in self.freezer.units if not all(p.requires_grad for p in u.params)]
+        if frozen:  # DDP registered only trainable tensors when it wrapped the model
+            raise UnsupportedSetupError(
+                f"SlimFit candidate(s) {frozen[:3]} were frozen when the strategy wrapped the "
+                "model; under DDP they would train unsynchronised. Do not freeze parameters "
+                "between setup and fit start, or exclude them from SlimFit.")
+
+    # -- per step ---------------------------------------------------------------
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self._open_step == trainer.global_step:
+            return  # later micro-batch of the same optimizer step
+        frozen = self.freezer.decide()
+        if trainer.world_size > 1:  # identical frozen sets on every rank, whatever the scores
+            frozen = trainer.strategy.broadcast(frozen, src=0)
+        self.freezer.apply(frozen)
+        self._open_step = trainer.global_step
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.freezer.before_optimizer_step()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._open_step is None or trainer.global_step == self._open_step:
+            return  # no optimizer step yet (gradient accumulation)
+        stats = self.freezer.after_optimizer_step()
+        self._open_step = None
+        if trainer.global_step % self.log_every_n_steps == 0:
+            pl_module.log_dict({f"slimfit/{k}": float(v) for k, v in stats.items()},
+                               on_step=True, on_epoch=False, batch_size=1)
+
+    # -- end of training ------------------------------------------------------------
+    def on_train_end(self, trainer, pl_module):
+        self.freezer.restore()
+        self._open_step = None
+        # trainer.log_dir is a collective under DDP: every rank must read it.
+        out = pathlib.Path(self.output_dir or pathlib.Path(trainer.log_dir or trainer.default_root_dir)
+                           / "slimfit")
+        if not trainer.is_global_zero or not len(self.freezer.history):
+            return
+        self.files = {"heatmap": self.freezer.history.plot_heatmap(out / "freeze_heatmap.png"),
+                      "summary": out / "freeze_summary.md"}
+        self.files["summary"].write_text(self.freezer.summary() + "\n")
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image(key="slimfit/freeze_heatmap", images=[str(self.files["heatmap"])])
+
+    def on_exception(self, trainer, pl_module, exception):
+        if self.freezer is not None:
+            self.freezer.restore()
+
+    def summary(self, top: int | None = None) -> str:
+        """Which units were frozen how often (markdown)."""
+        return self.freezer.summary(top) if self.freezer else "SlimFit has not been set up yet."
+
+    # -- checkpointing ----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return self.freezer.state_dict() if self.freezer is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.freezer is None:  # Lightning restores callback state after setup; be safe
+            self._pending_state = state_dict
+        else:
+            self.freezer.load_state_dict(state_dict)

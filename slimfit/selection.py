@@ -1,0 +1,222 @@
+"""The one module-selection API: which parameter tensors SlimFit may freeze.
+
+As in the paper, a "layer" is one parameter tensor: every weight with
+``dim() > 1`` (linear weights, embedding tables, patch-embedding convolution,
+class token, position embeddings) plus the weights of normalisation layers.
+Biases and other 1-D tensors are always trained (they are small and their
+gradients cost almost nothing). The same rules find ~100 candidates in Hugging
+Face BERT/RoBERTa/DistilBERT/ViT and timm ViTs with no per-architecture code.
+
+Patterns mean one thing everywhere: a string is a regular expression that must
+match the full qualified parameter name; a list (or tuple) of strings matches a
+name exactly or as a dotted suffix (``"classifier.weight"`` matches
+``model.classifier.weight``). Parameters are tracked by identity and reported
+by name, never matched by value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable, Iterator, Sequence, Union
+
+from torch import nn
+
+from slimfit.errors import SelectionError
+
+__all__ = ["Pattern", "Unit", "Selection", "iter_modules", "iter_parameters", "matches",
+           "is_default_candidate", "select_units", "preview"]
+
+#: A regex (full match) or a list of exact / dotted-suffix names.
+Pattern = Union[str, Sequence[str]]
+
+_NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def iter_modules(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool] | None = None
+                 ) -> Iterator[tuple[str, nn.Module]]:
+    """Yield ``(qualified_name, module)``, optionally only where ``filter_fn(module, name)``."""
+    for name, mod in model.named_modules():
+        if filter_fn is None or filter_fn(mod, name):
+            yield name, mod
+
+
+def iter_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter, nn.Module]]:
+    """Yield ``(qualified_name, parameter, owning_module)`` once per parameter."""
+    seen: set[int] = set()
+    for mname, mod in iter_modules(model):
+        for pname, p in mod.named_parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                yield (f"{mname}.{pname}" if mname else pname), p, mod
+
+
+def matches(name: str, pattern: Pattern) -> bool:
+    """True if ``name`` matches ``pattern`` (regex full match, or exact/dotted suffix)."""
+    if isinstance(pattern, str):
+        return re.fullmatch(pattern, name) is not None
+    return any(name == s or name.endswith("." + s) for s in pattern)
+
+
+def _validate_pattern(pattern: Pattern | None, field: str) -> None:
+    if pattern is None:
+        return
+    if isinstance(pattern, str):
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise SelectionError(f"{field}={pattern!r} is not a valid regular expression ({e}).") from e
+        return
+    if not isinstance(pattern, (list, tuple)) or not all(isinstance(s, str) for s in pattern):
+        raise SelectionError(f"{field} must be a regex string or a list of names, got {pattern!r}.")
+
+
+def _is_norm(mod: nn.Module) -> bool:
+    cls = type(mod).__name__
+    return isinstance(mod, _NORM_TYPES) or cls.endswith(("LayerNorm", "RMSNorm"))
+
+
+def is_default_candidate(name: str, p: nn.Parameter, owner: nn.Module) -> bool:
+    """The paper's rule: weights with ``dim() > 1`` and normalisation weights."""
+    return p.dim() > 1 or (_is_norm(owner) and name.rsplit(".", 1)[-1] == "weight")
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """One freezable unit: a single tensor, or a group frozen and trained together."""
+
+    name: str
+    param_names: tuple[str, ...]
+    params: tuple[nn.Parameter, ...] = dataclasses.field(repr=False, compare=False)
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """What a selection touches in a model, for a user to check before training.
+
+    Attributes:
+        units: the freezable units, in model order.
+        always_trained: trainable parameters SlimFit never freezes.
+        excluded: default candidates removed by ``exclude`` or ``always_train``.
+        user_frozen: parameters already frozen by the user (left alone).
+    """
+
+    units: tuple[Unit, ...]
+    always_trained: tuple[str, ...]
+    excluded: tuple[str, ...]
+    user_frozen: tuple[str, ...]
+
+    @property
+    def candidate_names(self) -> list[str]:
+        return [u.name for u in self.units]
+
+    def __str__(self) -> str:
+        n = sum(len(u.param_names) for u in self.units)
+        return (f"{len(self.units)} freezable units ({n} tensors); {len(self.always_trained)} "
+                f"always trained; {len(self.excluded)} excluded; {len(self.user_frozen)} "
+                "frozen by the user")
+
+
+def _no_match_error(field: str, pattern: Pattern, names: Sequence[str]) -> SelectionError:
+    sample = ", ".join(names[:6])
+    return SelectionError(
+        f"{field}={pattern!r} matched no parameter. Patterns are full-match regexes (a string) "
+        f"or exact/dotted-suffix names (a list). Some parameter names in this model: {sample}.")
+
+
+def select_units(model: nn.Module, *, include: Pattern | None = None,
+                 exclude: Pattern | None = None, always_train: Pattern | None = None,
+                 groups: Sequence[str] | None = None) -> Selection:
+    """Choose the freezable units of ``model``.
+
+    Args:
+        model: any ``nn.Module``.
+        include: restrict candidates to parameters matching this (default: the
+            paper's rule, :func:`is_default_candidate`). Matched parameters must
+            still be trainable.
+        exclude: remove matching parameters from the candidates (they are
+            trained every step).
+        always_train: same effect as ``exclude``; named for intent (e.g. the
+            classifier head ``["classifier.weight"]``).
+        groups: regexes whose first capture group (or whole match) names a unit;
+            candidates that give the same name are frozen together. Example for
+            BERT Q/K/V: ``[r"(.*attention\\.self)\\.(query|key|value)\\.weight"]``.
+
+    Returns:
+        A :class:`Selection`.
+
+    Raises:
+        SelectionError: a pattern is invalid or matches no parameter, or no
+            candidate remains.
+    """
+    for field, pat in (("include", include), ("exclude", exclude), ("always_train", always_train)):
+        _validate_pattern(pat, field)
+    group_res = []
+    for g in groups or ():
+        _validate_pattern(g, "groups")
+        if not isinstance(g, str):
+            raise SelectionError(f"each groups entry must be a regex string, got {g!r}.")
+        group_res.append(re.compile(g))
+
+    params = list(iter_parameters(model))
+    names = [n for n, _, _ in params]
+    if not params:
+        raise SelectionError(f"{type(model).__name__} has no parameters: nothing to freeze.")
+    for field, pat in (("include", include), ("exclude", exclude), ("always_train", always_train)):
+        if pat is not None and not any(matches(n, pat) for n in names):
+            raise _no_match_error(field, pat, names)
+
+    units: dict[str, list[tuple[str, nn.Parameter]]] = {}
+    always, excluded, user_frozen = [], [], []
+    used_groups: set[int] = set()
+    for name, p, owner in params:
+        candidate = matches(name, include) if include is not None else \
+            is_default_candidate(name, p, owner)
+        if not p.requires_grad:
+            user_frozen.append(name)
+            continue
+        if not candidate:
+            always.append(name)
+            continue
+        if (exclude is not None and matches(name, exclude)) or \
+                (always_train is not None and matches(name, always_train)):
+            excluded.append(name)
+            always.append(name)
+            continue
+        key = name
+        for gi, rx in enumerate(group_res):
+            m = rx.fullmatch(name)
+            if m:
+                key = m.group(1) if rx.groups else m.group(0)
+                used_groups.add(gi)
+                break
+        units.setdefault(key, []).append((name, p))
+    for gi, g in enumerate(groups or ()):
+        if gi not in used_groups:
+            raise _no_match_error("groups", g, names)
+    if not units:
+        raise SelectionError(
+            f"{type(model).__name__} has no candidate layers to freeze ({len(names)} parameters; "
+            f"{len(user_frozen)} already frozen, {len(excluded)} excluded). SlimFit freezes weight "
+            "tensors with dim() > 1 and normalisation weights; pass include=... to choose others.")
+    return Selection(
+        units=tuple(Unit(k, tuple(n for n, _ in v), tuple(p for _, p in v)) for k, v in units.items()),
+        always_trained=tuple(always), excluded=tuple(excluded), user_frozen=tuple(user_frozen))
+
+
+def preview(model: nn.Module, **kwargs) -> dict[str, list[str]]:
+    """What :func:`select_units` would do, as ``{"matched": [...], "unmatched": [...]}``.
+
+    ``matched`` lists freezable parameter names; ``unmatched`` every other
+    parameter (always trained, excluded, or frozen by the user).
+    """
+    sel = select_units(model, **kwargs)
+    matched = [n for u in sel.units for n in u.param_names]
+    taken = set(matched)
+    return {"matched": matched,
+            "unmatched": [n for n, _, _ in iter_parameters(model) if n not in taken],
+            "units": sel.candidate_names}

@@ -1,0 +1,51 @@
+"""SlimFit under DDP on CPU (gloo): identical frozen sets and parameters on every
+rank, and a clear refusal when DDP cannot see frozen layers."""
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from slimfit.callbacks import SlimFit
+from slimfit.errors import UnsupportedSetupError
+
+from conftest import lit_module, token_loader, trainer
+
+
+class RankDump(pl.Callback):
+    """Each rank writes its final parameters and frozen-set history to disk."""
+
+    def __init__(self, out_dir, slimfit):
+        self.out_dir = str(out_dir)
+        self.slimfit = slimfit
+
+    def on_train_end(self, trainer, pl_module):
+        torch.save({"params": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
+                    "history": [sorted(s) for s in self.slimfit.freezer.history.frozen_sets()]},
+                   f"{self.out_dir}/rank{trainer.global_rank}.pt")
+
+
+def test_two_ranks_stay_identical(tmp_path):
+    sf = SlimFit(freeze_rate=0.9, seed=0)
+    # Different data per rank (DistributedSampler), different dropout masks:
+    # only DDP's gradient sync and the broadcast decision keep them equal.
+    tr = trainer(tmp_path, max_steps=10, accelerator="cpu", devices=2,
+                 strategy="ddp_spawn_find_unused_parameters_true",
+                 callbacks=[sf, RankDump(tmp_path, sf)])
+    tr.fit(lit_module(lr=1e-2), token_loader(n=80, batch_size=4))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert len(r0["history"]) == 10
+    assert r0["history"] == r1["history"]
+    assert all(len(h) == 19 for h in r0["history"])  # floor(0.9 * 22)
+    for k, v in r0["params"].items():
+        assert torch.equal(v, r1["params"][k]), k
+    # and training really happened
+    init = lit_module().state_dict()
+    assert any(not torch.equal(v, init[k]) for k, v in r0["params"].items())
+
+
+def test_ddp_without_find_unused_parameters_is_refused(tmp_path):
+    # One process is enough to exercise DDPStrategy's checks without spawning.
+    tr = trainer(tmp_path, max_steps=1, devices=1, strategy="ddp", callbacks=[SlimFit(0.5)])
+    with pytest.raises(UnsupportedSetupError,
+                       match="strategy='ddp_find_unused_parameters_true'"):
+        tr.fit(lit_module(), token_loader())

@@ -1,0 +1,92 @@
+"""The module-selection API on every supported model family, and its errors."""
+
+import pytest
+import torch
+
+from slimfit.errors import SelectionError
+from slimfit.selection import matches, preview, select_units
+
+from models import CASES, hf_bert
+
+
+@pytest.mark.parametrize("name,factory,_batch,expected", CASES, ids=[c[0] for c in CASES])
+def test_default_candidates_per_family(name, factory, _batch, expected):
+    model = factory()
+    sel = select_units(model)
+    assert len(sel.units) == expected, sel.candidate_names
+    for u in sel.units:
+        for pname, p in zip(u.param_names, u.params):
+            assert not pname.endswith(".bias")
+            assert p.dim() > 1 or "norm" in pname.lower() or "LayerNorm" in pname
+    # every trainable tensor is either a candidate or always trained
+    n_tensors = sum(len(u.params) for u in sel.units) + len(sel.always_trained)
+    assert n_tensors == len(list(model.parameters()))
+
+
+def test_bert_base_has_102_candidates():
+    from transformers import BertConfig, BertForSequenceClassification
+    cfg = BertConfig(num_hidden_layers=12, hidden_size=64, num_attention_heads=4,
+                     intermediate_size=128, vocab_size=100)
+    # 4 embedding tensors + 12 x 8 + pooler + classifier, as in the paper
+    assert len(select_units(BertForSequenceClassification(cfg)).units) == 102
+
+
+def test_matching_rules():
+    assert matches("bert.encoder.layer.0.attention.self.query.weight", r".*query\.weight")
+    assert not matches("bert.encoder.layer.0.attention.self.query.weight", r"query\.weight")
+    assert matches("model.classifier.weight", ["classifier.weight"])
+    assert not matches("model.myclassifier.weight", ["classifier.weight"])
+
+
+def test_exclude_always_train_and_preview():
+    m = hf_bert()
+    sel = select_units(m, always_train=["classifier.weight"], exclude=r".*embeddings.*")
+    names = sel.candidate_names
+    assert "classifier.weight" not in names
+    assert not any("embeddings" in n for n in names)
+    assert "classifier.weight" in sel.always_trained
+    pv = preview(m, always_train=["classifier.weight"])
+    assert "classifier.weight" in pv["unmatched"]
+    assert set(pv["matched"]).isdisjoint(pv["unmatched"])
+    assert len(pv["matched"]) + len(pv["unmatched"]) == len(list(m.parameters()))
+
+
+def test_groups_qkv_into_one_unit():
+    m = hf_bert()
+    sel = select_units(m, groups=[r"(.*attention\.self)\.(query|key|value)\.weight"])
+    unit = next(u for u in sel.units if u.name == "bert.encoder.layer.0.attention.self")
+    assert [n.rsplit(".", 2)[-2] for n in unit.param_names] == ["query", "key", "value"]
+    assert len(sel.units) == 22 - 2 * 2
+
+
+def test_user_frozen_parameters_are_left_alone():
+    m = hf_bert()
+    m.bert.embeddings.word_embeddings.weight.requires_grad_(False)
+    sel = select_units(m)
+    assert "bert.embeddings.word_embeddings.weight" in sel.user_frozen
+    assert "bert.embeddings.word_embeddings.weight" not in sel.candidate_names
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"include": r"decoder\..*"}, r"include='decoder\\\\..\*' matched no parameter"),
+    ({"exclude": ["nonexistent.weight"]}, "exclude=.*matched no parameter"),
+    ({"groups": [r"(.*)\.nothing"]}, "groups=.*matched no parameter"),
+    ({"include": "(["}, "not a valid regular expression"),
+    ({"exclude": r".*"}, "no candidate layers"),
+])
+def test_bad_patterns(kwargs, match):
+    with pytest.raises(SelectionError, match=match):
+        select_units(hf_bert(), **kwargs)
+
+
+def test_model_without_candidates():
+    with pytest.raises(SelectionError, match="no candidate layers"):
+        select_units(torch.nn.Sequential(torch.nn.LayerNorm(4, elementwise_affine=False),
+                                         torch.nn.PReLU()))
+    with pytest.raises(SelectionError, match="has no parameters"):
+        select_units(torch.nn.ReLU())
+
+
+def test_error_names_existing_parameters():
+    with pytest.raises(SelectionError, match="bert.embeddings.word_embeddings.weight"):
+        select_units(hf_bert(), include=["nope"])
