@@ -186,3 +186,11 @@ def test_candidate_missing_from_optimizer_is_refused(tmp_path):
     lit.configure_optimizers = lambda: torch.optim.SGD(lit.model.classifier.parameters(), lr=0.1)
     with pytest.raises(UnsupportedSetupError, match="not in the optimizer"):
         trainer(tmp_path, max_steps=1, callbacks=[SlimFit(0.5)]).fit(lit, token_loader())
+
+
+def test_bf16_autocast_keeps_frozen_tensors_bit_identical(tmp_path):
+    sf, spy = SlimFit(freeze_rate=0.9), StepSpy()
+    trainer(tmp_path, max_steps=4, precision="bf16-mixed", callbacks=[sf, spy]).fit(
+        lit_module(lr=1e-2), token_loader())
+    assert spy.violations == [] and all(m > 0 for m in spy.moved)
+    assert len(sf.freezer.history) == 4

@@ -1,0 +1,38 @@
+"""The experiment entry points run end to end (small settings)."""
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+EXP = pathlib.Path(__file__).resolve().parents[1] / "experiments"
+
+
+def run(args, tmp_path, timeout=300):
+    out = subprocess.run([sys.executable, *args], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=timeout, env={**__import__("os").environ,
+                                               "PYTHONPATH": str(EXP)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_memory_report_minilm_prints_breakdown(tmp_path):
+    out = run([str(EXP / "memory_report.py"), "--model", "minilm", "--batch-size", "2",
+               "--seq-len", "16", "--crosscheck", "--warmup", "0"], tmp_path)
+    assert "| **total** |" in out and "ledger/independent = 1.0000" in out
+    assert "parameters == 4 bytes x 22,713,986: True" in out
+
+
+def test_example_lightning_script_runs(tmp_path):
+    out = run([str(EXP / "example_lightning.py")], tmp_path)
+    assert "frozen per step" in out
+
+
+def test_memory_report_rejects_bad_arguments(tmp_path):
+    out = subprocess.run([sys.executable, str(EXP / "memory_report.py"), "--batch-size", "0"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "--batch-size must be >= 1" in out.stderr
+    out = subprocess.run([sys.executable, str(EXP / "memory_report.py"), "--model", "gpt9"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "invalid choice: 'gpt9'" in out.stderr
