@@ -27,6 +27,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
+from slimfit.compress import ActivationCompressor, CompressionConfig
 from slimfit.config import SlimFitConfig
 from slimfit.errors import UnsupportedSetupError
 from slimfit.freezer import LayerFreezer
@@ -69,6 +70,10 @@ class SlimFit(pl.Callback):
         freeze_rate: fraction r in [0, 1) of candidate units frozen each step.
         include / exclude / always_train / groups / seed / max_frozen_age /
             score_eps: see :class:`slimfit.config.SlimFitConfig`.
+        compression: compress the static saved activations (GELU input, attention
+            operands and probabilities, LayerNorm input, FFN down-projection
+            input, dropout masks): ``True`` for the defaults, a
+            :class:`slimfit.compress.CompressionConfig`, or ``None``/``False``.
         log_every_n_steps: log frozen fraction and score statistics this often.
         output_dir: where the heatmap and summary go at the end of training
             (default ``<log_dir or default_root_dir>/slimfit``).
@@ -87,6 +92,7 @@ class SlimFit(pl.Callback):
                  exclude: Pattern | None = None, always_train: Pattern | None = None,
                  groups: Sequence[str] | None = None, seed: int = 0,
                  max_frozen_age: int | None = None, score_eps: float = 1e-8,
+                 compression: CompressionConfig | bool | None = None,
                  log_every_n_steps: int = 1, output_dir: str | None = None):
         self.config = SlimFitConfig(freeze_rate=freeze_rate, include=include, exclude=exclude,
                                     always_train=always_train, groups=groups, seed=seed,
@@ -94,9 +100,18 @@ class SlimFit(pl.Callback):
         if isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) \
                 or log_every_n_steps < 1:
             raise ValueError(f"log_every_n_steps must be a positive int, got {log_every_n_steps!r}.")
+        if compression is True:
+            compression = CompressionConfig()
+        elif compression is False:
+            compression = None
+        elif compression is not None and not isinstance(compression, CompressionConfig):
+            raise TypeError(f"compression must be True, False, None or a CompressionConfig, "
+                            f"got {compression!r}.")
+        self.compression = compression
         self.log_every_n_steps = log_every_n_steps
         self.output_dir = output_dir
         self.freezer: LayerFreezer | None = None
+        self.compressor: ActivationCompressor | None = None
         self.files: dict[str, pathlib.Path] = {}
         self._pending_state: dict | None = None
         self._open_step: int | None = None
@@ -110,6 +125,9 @@ class SlimFit(pl.Callback):
             self.freezer = LayerFreezer(pl_module, self.config)
             rank_zero_info(f"SlimFit: {self.freezer.selection}; {self.freezer.num_frozen} of "
                            f"{len(self.freezer.units)} units frozen per step.")
+        if self.compression is not None and self.compressor is None:
+            self.compressor = ActivationCompressor(pl_module, self.compression).install()
+            rank_zero_info("SlimFit activation compression:\n" + self.compressor.describe())
         if self._pending_state is not None:
             self.freezer.load_state_dict(self._pending_state)
             self._pending_state = None
@@ -159,8 +177,15 @@ class SlimFit(pl.Callback):
                                on_step=True, on_epoch=False, batch_size=1)
 
     # -- end of training ------------------------------------------------------------
+    def _release(self) -> None:
+        if self.freezer is not None:
+            self.freezer.restore()
+        if self.compressor is not None:
+            self.compressor.remove()
+            self.compressor = None
+
     def on_train_end(self, trainer, pl_module):
-        self.freezer.restore()
+        self._release()
         self._open_step = None
         # trainer.log_dir is a collective under DDP: every rank must read it.
         out = pathlib.Path(self.output_dir or pathlib.Path(trainer.log_dir or trainer.default_root_dir)
@@ -175,8 +200,7 @@ class SlimFit(pl.Callback):
                 logger.log_image(key="slimfit/freeze_heatmap", images=[str(self.files["heatmap"])])
 
     def on_exception(self, trainer, pl_module, exception):
-        if self.freezer is not None:
-            self.freezer.restore()
+        self._release()
 
     def summary(self, top: int | None = None) -> str:
         """Which units were frozen how often (markdown)."""

@@ -87,7 +87,9 @@ def run(method: str, seed: int, args) -> dict:
     tok = AutoTokenizer.from_pretrained(minilm_path())
     train, val = loaders(tok, args.batch_size, args.max_len, args.n_train, args.n_val, seed)
     module = TextClassifier(args.lr, args.steps)
-    callbacks = [SlimFit(freeze_rate=args.freeze_rate, seed=seed)] if method == "slimfit" else []
+    callbacks = [SlimFit(freeze_rate=args.freeze_rate, seed=seed, always_train=args.always_train,
+                         max_frozen_age=args.max_frozen_age, compression=args.compress)
+                 ] if method == "slimfit" else []
     trainer = pl.Trainer(max_steps=args.steps, accelerator="cpu", logger=False,
                          enable_checkpointing=False, enable_model_summary=False,
                          enable_progress_bar=False, callbacks=callbacks,
@@ -111,11 +113,16 @@ def main(argv=None):
     ap.add_argument("--n-val", type=int, default=500)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--freeze-rate", type=float, default=0.9)
+    ap.add_argument("--always-train", nargs="*", default=None,
+                    help="parameter names SlimFit never freezes, e.g. classifier.weight")
+    ap.add_argument("--max-frozen-age", type=int, default=None)
+    ap.add_argument("--compress", action="store_true", help="SlimFit with activation compression")
+    ap.add_argument("--methods", nargs="+", default=["full", "slimfit"], choices=["full", "slimfit"])
     ap.add_argument("--out", default="runs/accuracy_minilm")
     args = ap.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
 
-    results = [run(m, s, args) for s in args.seeds for m in ("full", "slimfit")]
+    results = [run(m, s, args) for s in args.seeds for m in args.methods]
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"args": vars(args), "runs": results}, indent=2))
@@ -124,11 +131,14 @@ def main(argv=None):
           f"seeds {args.seeds}\n")
     print("| method | val accuracy mean | std | min | max | mean fit time |")
     print("|---|---:|---:|---:|---:|---:|")
-    for m in ("full", "slimfit"):
+    for m in args.methods:
         accs = [r["val_acc"] for r in results if r["method"] == m]
         secs = [r["fit_seconds"] for r in results if r["method"] == m]
         sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        label = "full fine-tuning" if m == "full" else f"SlimFit r={args.freeze_rate}"
+        label = "full fine-tuning" if m == "full" else (
+            f"SlimFit r={args.freeze_rate}" + (" + compression" if args.compress else "")
+            + (f", always train {args.always_train}" if args.always_train else "")
+            + (f", max frozen age {args.max_frozen_age}" if args.max_frozen_age else ""))
         print(f"| {label} | {100 * statistics.mean(accs):.2f} | {100 * sd:.2f} | "
               f"{100 * min(accs):.2f} | {100 * max(accs):.2f} | {statistics.mean(secs):.1f} s |")
 

@@ -423,7 +423,7 @@ class SavedTensorTracker:
             if self.live > self.peak:
                 self.peak = self.live
                 self._snapshot_due = True
-        return _Saved(t, key, self)
+        return _Saved(t.detach(), key, self)  # detach: no cycle through grad_fn
 
     @staticmethod
     def _unpack(obj: Any) -> torch.Tensor:

@@ -1,0 +1,426 @@
+"""Compression of the static activations SlimFit must keep: GELU inputs,
+attention operands and probabilities, LayerNorm inputs, the FFN
+down-projection input, and dropout masks.
+
+Mechanism: ``saved_tensors_hooks`` scoped to modules. A forward pre-hook on
+each selected module pushes a pack/unpack pair for that module's kind and the
+forward hook pops it, so every tensor autograd saves *inside* that module is
+compressed on save and restored on backward; nothing else is touched. Why
+hooks and not forked model files or custom autograd functions: the same ~200
+lines cover Hugging Face BERT, RoBERTa, DistilBERT, ViT and timm ViTs (their
+attention, GELU, LayerNorm and Linear are ordinary modules), autograd's own
+backward formulas stay in use (exact GELU derivative, softmax backward, all
+evaluated at the restored values, as in the paper), and the model's code and
+state dict are untouched. Modules are found by type; every kind can also be
+given explicit module-name patterns.
+
+Rules inside a scope: parameters (and views of them) and small tensors pass
+through unchanged; bool tensors (dropout masks) are bit-packed losslessly;
+floating tensors get the kind's treatment. The innermost scope wins (a Linear
+inside an attention block uses the Linear's rule), and each scope forwards
+what it stores to the hooks that were active outside SlimFit's scopes (the
+memory ledger, ``save_on_cpu`` offload), so the ledger counts compressed
+bytes and offload moves them.
+
+Fused attention (``sdpa``/flash in HF, ``fused_attn`` in timm) never stores
+the probabilities: such modules are detected and left alone, with a warning.
+Under ``torch.compile`` saved-tensor hooks save nothing (pytorch #148222):
+compression refuses compiled models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from slimfit.errors import SelectionError, SlimFitError
+from slimfit.quantize import (SUPPORTED_BITS, dequantize, pack_bool, quantize, topk_prune,
+                              topk_restore, unpack_bool)
+from slimfit.selection import Pattern, _validate_pattern, iter_modules, matches
+
+__all__ = ["Treatment", "CompressionConfig", "ActivationCompressor", "KINDS"]
+
+#: Activation kinds, in the order they are reported.
+KINDS = ("attention", "gelu", "layernorm", "ffn_down_input", "linear_input", "dropout_mask")
+
+_METHODS = ("none", "int8", "int4", "topk")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Treatment:
+    """How one kind of saved activation is stored.
+
+    Attributes:
+        method: ``none`` (keep), ``int8``, ``int4`` (affine, packed), or
+            ``topk`` (LayerNorm only: keep the largest centred values).
+        group_size: elements per scale; ``None`` = per token (last dim row).
+        stochastic: stochastic rounding instead of round-to-nearest.
+        topk_fraction: fraction kept by ``topk`` (paper: 0.1).
+    """
+
+    method: str = "int8"
+    group_size: int | None = None
+    stochastic: bool = False
+    topk_fraction: float = 0.1
+
+    def __post_init__(self):
+        if self.method not in _METHODS:
+            bits = self.method
+            raise SlimFitError(
+                f"unsupported activation treatment {bits!r}: choose one of {_METHODS} "
+                f"(bit widths supported: {SUPPORTED_BITS}).")
+        if self.group_size is not None and (isinstance(self.group_size, bool) or
+                                            not isinstance(self.group_size, int) or self.group_size < 1):
+            raise SlimFitError(f"group_size must be None (per token) or an int >= 1, "
+                               f"got {self.group_size!r}.")
+        if not 0.0 < self.topk_fraction <= 1.0:
+            raise SlimFitError(f"topk_fraction must be in (0, 1], got {self.topk_fraction!r}.")
+
+    @property
+    def bits(self) -> int | None:
+        return {"int8": 8, "int4": 4}.get(self.method)
+
+
+def _t(method: str, **kw) -> Treatment:
+    return Treatment(method=method, **kw)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CompressionConfig:
+    """Which saved activations get which treatment (defaults follow the paper,
+    with scaled quantizers instead of fixed-point ranges).
+
+    Attributes:
+        attention: Q/K/V operands and softmax probabilities of eager attention.
+        gelu: GELU input (4-bit, as in the paper).
+        layernorm: LayerNorm input (``int8``, or ``topk`` as in the paper).
+        ffn_down_input: input of the FFN down-projection when it is trainable.
+        linear_input: inputs saved by every other Linear (dynamic activations).
+        dropout_mask: bit-pack dropout masks (lossless).
+        modules: optional ``{kind: pattern}`` to choose modules by name instead
+            of by type (regex full match, or list of exact/suffix names).
+        min_numel: tensors smaller than this are kept as they are.
+    """
+
+    attention: Treatment = _t("int8")
+    gelu: Treatment = _t("int4", group_size=64)
+    layernorm: Treatment = _t("int8")
+    ffn_down_input: Treatment = _t("int8")
+    linear_input: Treatment = _t("none")
+    dropout_mask: bool = True
+    modules: dict[str, Pattern] | None = None
+    min_numel: int = 1024
+
+    def __post_init__(self):
+        for kind in KINDS[:-1]:
+            t = getattr(self, kind)
+            if isinstance(t, dict):  # Hydra / YAML: a mapping of Treatment fields
+                object.__setattr__(self, kind, Treatment(**t))
+            elif isinstance(t, str):
+                object.__setattr__(self, kind, Treatment(method=t))
+            elif not isinstance(getattr(self, kind), Treatment):
+                raise SlimFitError(f"{kind} must be a Treatment, a method name or a mapping, got {t!r}.")
+        if self.layernorm.method not in ("none", "int8", "int4", "topk"):
+            raise SlimFitError(f"layernorm treatment {self.layernorm.method!r} is not supported.")
+        for kind in ("attention", "gelu", "ffn_down_input", "linear_input"):
+            if getattr(self, kind).method == "topk":
+                raise SlimFitError(f"topk pruning is only defined for layernorm, not {kind}; "
+                                   "use int8 or int4.")
+        for kind, pat in (self.modules or {}).items():
+            if kind not in KINDS:
+                raise SlimFitError(f"modules has unknown kind {kind!r}; kinds are {KINDS}.")
+            _validate_pattern(pat, f"modules[{kind!r}]")
+        if not isinstance(self.min_numel, int) or self.min_numel < 0:
+            raise SlimFitError(f"min_numel must be an int >= 0, got {self.min_numel!r}.")
+
+    def enabled(self, kind: str) -> bool:
+        return self.dropout_mask if kind == "dropout_mask" else getattr(self, kind).method != "none"
+
+
+# ----------------------------------------------------------------------------
+# Finding the modules of each kind
+# ----------------------------------------------------------------------------
+
+
+_QUERY_NAMES = ("query", "q_proj", "q_lin", "q", "qkv", "Wqkv")
+
+
+def _is_attention(mod: nn.Module) -> bool:
+    """An attention core: a ``*Attention`` module owning its query (or fused
+    qkv) projection directly (BertSelfAttention, ViTAttention,
+    DistilBertSelfAttention, timm Attention; not BertAttention, its parent)."""
+    return type(mod).__name__.endswith("Attention") and any(
+        isinstance(getattr(mod, n, None), nn.Linear) for n in _QUERY_NAMES)
+
+
+def _attention_is_fused(mod: nn.Module) -> bool:
+    if getattr(mod, "fused_attn", False):  # timm
+        return True
+    cfg = getattr(mod, "config", None)
+    impl = getattr(cfg, "_attn_implementation", None)
+    return impl is not None and impl != "eager"
+
+
+def _is_gelu(mod: nn.Module) -> bool:
+    return isinstance(mod, nn.GELU) or "GELU" in type(mod).__name__
+
+
+def _down_projections(model: nn.Module) -> set[int]:
+    """Linears that are the down half of an up/down pair (3072 -> 768 when some
+    Linear maps 768 -> 3072): the FFN output projections, found by shape."""
+    linears = [m for _, m in iter_modules(model) if isinstance(m, nn.Linear)]
+    ups = {(m.in_features, m.out_features) for m in linears if m.out_features > m.in_features}
+    return {id(m) for m in linears
+            if m.in_features > m.out_features and (m.out_features, m.in_features) in ups}
+
+
+def _detect(model: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
+    down = _down_projections(model)
+    found: dict[str, list[tuple[str, nn.Module]]] = {k: [] for k in KINDS}
+    for name, mod in iter_modules(model):
+        if _is_attention(mod):
+            found["attention"].append((name, mod))
+        elif _is_gelu(mod):
+            found["gelu"].append((name, mod))
+        elif isinstance(mod, nn.LayerNorm):
+            found["layernorm"].append((name, mod))
+        elif isinstance(mod, nn.Linear):
+            found["ffn_down_input" if id(mod) in down else "linear_input"].append((name, mod))
+        elif isinstance(mod, nn.Dropout):
+            found["dropout_mask"].append((name, mod))
+    return found
+
+
+# ----------------------------------------------------------------------------
+# The scoped hooks
+# ----------------------------------------------------------------------------
+
+
+class _Packed:
+    """What a scope hands to autograd for one compressed tensor."""
+
+    __slots__ = ("kind", "meta", "pieces")
+
+    def __init__(self, kind, meta, pieces):
+        self.kind, self.meta, self.pieces = kind, meta, pieces
+
+
+def _top_hooks():
+    try:
+        return torch._C._autograd._top_saved_tensors_default_hooks(False)
+    except (AttributeError, RuntimeError):  # pragma: no cover - older torch
+        return None
+
+
+class _Scope:
+    """Pack/unpack pair of one kind; pushed while a module of that kind runs."""
+
+    def __init__(self, kind: str, treatment: Treatment | None, compressor: "ActivationCompressor"):
+        self.kind, self.treatment, self.compressor = kind, treatment, compressor
+        self.outer: tuple[Callable, Callable] | None = None
+        # One tensor saved by two ops (softmax output saved by softmax and by
+        # the next matmul) is stored once. Keys are storage addresses, so the
+        # original is held until the module's forward returns: no address can
+        # be freed and reused by another tensor while its key is live. Costs
+        # one module's uncompressed saves, transiently.
+        self._cache: dict[Any, tuple[_Packed, torch.Tensor]] = {}
+
+    # Scopes nest like modules; each chains to the nearest non-SlimFit hooks.
+    def push(self) -> None:
+        top = _top_hooks()
+        owner = getattr(top[0], "__self__", None) if top else None
+        self.outer = owner.outer if isinstance(owner, _Scope) else top
+        torch._C._autograd._push_saved_tensors_default_hooks(self.pack, self.unpack)
+
+    def pop(self) -> None:
+        torch._C._autograd._pop_saved_tensors_default_hooks()
+        self._cache.clear()
+
+    def _out(self, t: torch.Tensor) -> Any:
+        # detach: a saved output must not hold its own grad_fn (reference cycle)
+        return self.outer[0](t) if self.outer else t.detach()
+
+    def _in(self, obj: Any) -> torch.Tensor:
+        return self.outer[1](obj) if self.outer else obj
+
+    def pack(self, t: torch.Tensor) -> Any:
+        c = self.compressor
+        key_storage = _storage_ptr(t)
+        if key_storage in c._param_storages or t.numel() < c.config.min_numel:
+            return ("raw", self._out(t))
+        if t.dtype == torch.bool:
+            if not c.config.dropout_mask:
+                return ("raw", self._out(t))
+            cache_key = (key_storage, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t._version)
+            hit = self._cache.get(cache_key, (None,))[0]
+            if hit is None:
+                packed, shape = pack_bool(t)
+                hit = _Packed("bool", shape, [self._out(packed)])
+                self._cache[cache_key] = (hit, t)
+            c.stats[self.kind] += t.numel() * t.element_size()
+            return hit
+        tr = self.treatment
+        if tr is None or tr.method == "none" or not t.is_floating_point():
+            return ("raw", self._out(t))
+        cache_key = (key_storage, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t._version)
+        hit = self._cache.get(cache_key, (None,))[0]
+        if hit is None:
+            x = t.detach()
+            if tr.method == "topk":
+                z = topk_prune(x, tr.topk_fraction)
+                hit = _Packed("topk", z, [self._out(p) for p in z.tensors()])
+            else:
+                q = quantize(x, bits=tr.bits, group_size=tr.group_size, stochastic=tr.stochastic)
+                hit = _Packed("q", q, [self._out(p) for p in q.tensors()])
+            self._cache[cache_key] = (hit, t)
+        c.stats[self.kind] += t.numel() * t.element_size()
+        return hit
+
+    def unpack(self, obj: Any) -> torch.Tensor:
+        if isinstance(obj, tuple):
+            return self._in(obj[1])
+        pieces = [self._in(p) for p in obj.pieces]
+        if obj.kind == "bool":
+            return unpack_bool(pieces[0], obj.meta)
+        meta = obj.meta
+        if obj.kind == "topk":
+            meta.values, meta.indices, meta.mean = pieces
+            return topk_restore(meta)
+        meta.codes, meta.zero, meta.scale = pieces
+        return dequantize(meta)
+
+
+def _storage_ptr(t: torch.Tensor) -> Any:
+    try:
+        return (t.device, t.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):
+        return ("id", id(t))
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    if type(model).__name__ == "OptimizedModule" or hasattr(model, "_orig_mod"):
+        return True
+    return any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+
+
+class ActivationCompressor:
+    """Installs the scoped hooks on a model.
+
+    Args:
+        model: any ``nn.Module`` (not ``torch.compile``-d).
+        config: a :class:`CompressionConfig` (default: the paper's choices).
+
+    Raises:
+        SlimFitError: compiled model; SelectionError: a ``modules`` pattern
+            that matches no module.
+
+    Example:
+        >>> m = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8))
+        >>> comp = ActivationCompressor(m, CompressionConfig(min_numel=0))
+        >>> sorted(k for k, v in comp.preview().items() if v)
+        ['ffn_down_input', 'gelu', 'linear_input']
+        >>> with comp:
+        ...     m(torch.randn(4, 8)).sum().backward()
+    """
+
+    def __init__(self, model: nn.Module, config: CompressionConfig | None = None):
+        if _is_compiled(model):
+            raise SlimFitError(
+                "activation compression uses saved-tensor hooks, which torch.compile runs all at "
+                "once at the end of the forward (pytorch #148222): nothing would be saved. Compress "
+                "the uncompiled model, or disable compression (compression=None) under torch.compile.")
+        self.model = model
+        self.config = config or CompressionConfig()
+        self.stats: dict[str, int] = {k: 0 for k in KINDS}
+        self.skipped: dict[str, str] = {}
+        self._handles: list[Any] = []
+        self._param_storages: set = set()
+        self.targets = self._select()
+
+    def _select(self) -> dict[str, list[tuple[str, nn.Module]]]:
+        cfg = self.config
+        detected = _detect(self.model)
+        all_modules = list(iter_modules(self.model))
+        targets: dict[str, list[tuple[str, nn.Module]]] = {}
+        missing: list[str] = []
+        for kind in KINDS:
+            pat = (cfg.modules or {}).get(kind)
+            if pat is not None:
+                chosen = [(n, m) for n, m in all_modules if n and matches(n, pat)]
+                if not chosen:
+                    names = ", ".join(n for n, _ in all_modules[1:7])
+                    raise SelectionError(f"modules[{kind!r}]={pat!r} matched no module; some module "
+                                         f"names in this model: {names}.")
+            else:
+                chosen = detected[kind]
+            if kind == "attention":
+                fused = [n for n, m in chosen if _attention_is_fused(m)]
+                if fused:
+                    self.skipped.update({n: "fused attention (sdpa/flash): probabilities are "
+                                            "never stored" for n in fused})
+                    chosen = [(n, m) for n, m in chosen if not _attention_is_fused(m)]
+                elif not chosen and cfg.enabled(kind):
+                    missing.append(kind)
+            elif not chosen and cfg.enabled(kind) and kind in ("gelu", "layernorm"):
+                missing.append(kind)
+            # Linears always get a scope, pass-through when "none": otherwise an
+            # enclosing attention scope would quantize their inputs.
+            targets[kind] = chosen if cfg.enabled(kind) or kind == "linear_input" else []
+        if self.skipped:
+            warnings.warn(f"SlimFit compression leaves {len(self.skipped)} fused attention module(s) "
+                          "alone (their probabilities are never stored); use "
+                          "attn_implementation='eager' to compress attention.", UserWarning,
+                          stacklevel=3)
+        if missing:
+            warnings.warn(f"SlimFit compression: {type(self.model).__name__} has no module of kind "
+                          f"{missing}; nothing is compressed for it.", UserWarning, stacklevel=3)
+        return targets
+
+    def preview(self) -> dict[str, list[str]]:
+        """``{kind: [module names]}`` that will be compressed, plus ``"skipped"``."""
+        out = {k: [n for n, _ in v] for k, v in self.targets.items()}
+        out["skipped"] = [f"{n}: {why}" for n, why in self.skipped.items()]
+        return out
+
+    def install(self) -> "ActivationCompressor":
+        if self._handles:
+            return self
+        self._param_storages = {_storage_ptr(p) for p in self.model.parameters()}
+        for kind, mods in self.targets.items():
+            tr = None if kind == "dropout_mask" else getattr(self.config, kind)
+            for _, mod in mods:
+                scope = _Scope(kind, tr, self)
+                self._handles.append(mod.register_forward_pre_hook(lambda *_a, s=scope: s.push()))
+                self._handles.append(mod.register_forward_hook(lambda *_a, s=scope: s.pop(),
+                                                               always_call=True))
+        return self
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._handles)
+
+    def __enter__(self) -> "ActivationCompressor":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def describe(self) -> str:
+        lines = ["| kind | treatment | modules |", "|---|---|---:|"]
+        for kind in KINDS:
+            tr = "bit-packed" if kind == "dropout_mask" else getattr(self.config, kind).method
+            if kind != "dropout_mask" and getattr(self.config, kind).group_size:
+                tr += f" (groups of {getattr(self.config, kind).group_size})"
+            n = len(self.targets[kind]) if self.config.enabled(kind) else 0
+            lines.append(f"| {kind} | {tr if self.config.enabled(kind) else 'none'} | {n} |")
+        return "\n".join(lines)
+
