@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) experiments/memory_report.py --model minilm --batch-size 8
+	$(PY) -m slimfit.experiments.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow"

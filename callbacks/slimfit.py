@@ -69,7 +69,7 @@ class SlimFit(pl.Callback):
     Args:
         freeze_rate: fraction r in [0, 1) of candidate units frozen each step.
         include / exclude / always_train / groups / seed / max_frozen_age /
-            score_eps: see :class:`slimfit.config.SlimFitConfig`.
+            score_eps / lr_normalized: see :class:`slimfit.config.SlimFitConfig`.
         compression: compress the static saved activations (GELU input, attention
             operands and probabilities, LayerNorm input, FFN down-projection
             input, dropout masks): ``True`` for the defaults, a
@@ -92,11 +92,12 @@ class SlimFit(pl.Callback):
                  exclude: Pattern | None = None, always_train: Pattern | None = None,
                  groups: Sequence[str] | None = None, seed: int = 0,
                  max_frozen_age: int | None = None, score_eps: float = 1e-8,
-                 compression: CompressionConfig | bool | None = None,
+                 lr_normalized: bool = False, compression: CompressionConfig | bool | None = None,
                  log_every_n_steps: int = 1, output_dir: str | None = None):
         self.config = SlimFitConfig(freeze_rate=freeze_rate, include=include, exclude=exclude,
                                     always_train=always_train, groups=groups, seed=seed,
-                                    max_frozen_age=max_frozen_age, score_eps=score_eps)
+                                    max_frozen_age=max_frozen_age, score_eps=score_eps,
+                                    lr_normalized=lr_normalized)
         if isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) \
                 or log_every_n_steps < 1:
             raise ValueError(f"log_every_n_steps must be a positive int, got {log_every_n_steps!r}.")
@@ -165,16 +166,18 @@ class SlimFit(pl.Callback):
         self._open_step = trainer.global_step
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self.freezer.before_optimizer_step()
+        self.freezer.before_optimizer_step(optimizer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self._open_step is None or trainer.global_step == self._open_step:
             return  # no optimizer step yet (gradient accumulation)
         stats = self.freezer.after_optimizer_step()
         self._open_step = None
-        if trainer.global_step % self.log_every_n_steps == 0:
-            pl_module.log_dict({f"slimfit/{k}": float(v) for k, v in stats.items()},
-                               on_step=True, on_epoch=False, batch_size=1)
+        step = trainer.global_step - 1  # the step just taken
+        if step % self.log_every_n_steps == 0:  # our own interval, not the Trainer's
+            metrics = {f"slimfit/{k}": float(v) for k, v in stats.items()}
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
 
     # -- end of training ------------------------------------------------------------
     def _release(self) -> None:

@@ -6,7 +6,7 @@ Example (the figures in the README):
 
 Each run: AdamW (lr 1e-4, weight decay 0.01, linear warm-up over 10% of the
 steps then linear decay), batch 32, max length 64, fixed train/validation
-split (``text_tasks.movie_reviews``), validation accuracy on 500 held-out
+split (``data.load_text_task('movie_reviews')``), validation accuracy on 500 held-out
 sentences after the last step. Runs through Lightning with the real
 ``SlimFit`` callback, as a user would.
 """
@@ -27,9 +27,9 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
 
-from bench_cases import minilm_path  # noqa: E402
+from slimfit.experiments.bench_cases import minilm_path  # noqa: E402
 from slimfit.callbacks import SlimFit  # noqa: E402
-from text_tasks import movie_reviews  # noqa: E402
+from slimfit.experiments.data import load_text_task  # noqa: E402
 
 
 class TextClassifier(pl.LightningModule):
@@ -68,10 +68,10 @@ class TextClassifier(pl.LightningModule):
 
 
 def loaders(tok, batch_size: int, max_len: int, n_train: int, n_val: int, seed: int):
-    data = movie_reviews(n_train=n_train, n_val=n_val)
+    data = load_text_task("movie_reviews", n_val=n_val, n_train=n_train)
 
     def ds(split):
-        texts, labels = data[split]
+        texts, labels = (data.train_x, data.train_y) if split == "train" else (data.val_x, data.val_y)
         enc = tok(texts, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
         return [{"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i],
                  "labels": torch.tensor(labels[i])} for i in range(len(labels))]
@@ -88,7 +88,8 @@ def run(method: str, seed: int, args) -> dict:
     train, val = loaders(tok, args.batch_size, args.max_len, args.n_train, args.n_val, seed)
     module = TextClassifier(args.lr, args.steps)
     callbacks = [SlimFit(freeze_rate=args.freeze_rate, seed=seed, always_train=args.always_train,
-                         max_frozen_age=args.max_frozen_age, compression=args.compress)
+                         max_frozen_age=args.max_frozen_age, compression=args.compress,
+                         lr_normalized=args.lr_normalized)
                  ] if method == "slimfit" else []
     trainer = pl.Trainer(max_steps=args.steps, accelerator="cpu", logger=False,
                          enable_checkpointing=False, enable_model_summary=False,
@@ -116,6 +117,7 @@ def main(argv=None):
     ap.add_argument("--always-train", nargs="*", default=None,
                     help="parameter names SlimFit never freezes, e.g. classifier.weight")
     ap.add_argument("--max-frozen-age", type=int, default=None)
+    ap.add_argument("--lr-normalized", action="store_true")
     ap.add_argument("--compress", action="store_true", help="SlimFit with activation compression")
     ap.add_argument("--methods", nargs="+", default=["full", "slimfit"], choices=["full", "slimfit"])
     ap.add_argument("--out", default="runs/accuracy_minilm")
@@ -138,7 +140,8 @@ def main(argv=None):
         label = "full fine-tuning" if m == "full" else (
             f"SlimFit r={args.freeze_rate}" + (" + compression" if args.compress else "")
             + (f", always train {args.always_train}" if args.always_train else "")
-            + (f", max frozen age {args.max_frozen_age}" if args.max_frozen_age else ""))
+            + (f", max frozen age {args.max_frozen_age}" if args.max_frozen_age else "")
+            + (", lr-normalized scores" if args.lr_normalized else ""))
         print(f"| {label} | {100 * statistics.mean(accs):.2f} | {100 * sd:.2f} | "
               f"{100 * min(accs):.2f} | {100 * max(accs):.2f} | {statistics.mean(secs):.1f} s |")
 

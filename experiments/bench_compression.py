@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from bench_cases import build_case, make_optimizer
+from slimfit.experiments.bench_cases import build_case, make_optimizer
 from slimfit.compress import ActivationCompressor, CompressionConfig, Treatment
 from slimfit.freezer import LayerFreezer
 from slimfit.ledger import format_bytes, measure_step

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from bench_cases import CASES, build_case, make_optimizer
+from slimfit.experiments.bench_cases import CASES, build_case, make_optimizer
 from slimfit.freezer import LayerFreezer
 from slimfit.ledger import format_bytes, measure_step
 

@@ -13,9 +13,9 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
 
-from bench_cases import minilm_path  # noqa: E402
+from slimfit.experiments.bench_cases import minilm_path  # noqa: E402
 from slimfit.callbacks import MemoryMonitor, SlimFit  # noqa: E402
-from text_tasks import movie_reviews  # noqa: E402
+from slimfit.experiments.data import load_text_task  # noqa: E402
 
 
 class Classifier(pl.LightningModule):
@@ -32,7 +32,8 @@ class Classifier(pl.LightningModule):
 
 def main(steps: int = 10):
     tok = AutoTokenizer.from_pretrained(minilm_path())
-    texts, labels = movie_reviews(n_train=steps * 16, n_val=0)["train"]
+    data = load_text_task("movie_reviews", n_train=steps * 16)
+    texts, labels = data.train_x, data.train_y
     enc = tok(texts, padding="max_length", truncation=True, max_length=48, return_tensors="pt")
     data = [{"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i],
              "labels": torch.tensor(labels[i])} for i in range(len(labels))]

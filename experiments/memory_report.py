@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from bench_cases import CASES, build_case, make_optimizer
+from slimfit.experiments.bench_cases import CASES, build_case, make_optimizer
 from slimfit.ledger import format_bytes, measure_step
 
 

@@ -15,8 +15,9 @@ state dict are untouched. Modules are found by type; every kind can also be
 given explicit module-name patterns.
 
 Rules inside a scope: parameters (and views of them) and small tensors pass
-through unchanged; bool tensors (dropout masks) are bit-packed losslessly;
-floating tensors get the kind's treatment. The innermost scope wins (a Linear
+through unchanged; dropout masks (bool, or on CPU floats {0, 1/(1-p)}, checked
+to be exactly two-valued) are bit-packed losslessly; other floating tensors
+get the kind's treatment. The innermost scope wins (a Linear
 inside an attention block uses the Linear's rule), and each scope forwards
 what it stores to the hooks that were active outside SlimFit's scopes (the
 memory ledger, ``save_on_cpu`` offload), so the ledger counts compressed
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
@@ -118,8 +120,8 @@ class CompressionConfig:
     def __post_init__(self):
         for kind in KINDS[:-1]:
             t = getattr(self, kind)
-            if isinstance(t, dict):  # Hydra / YAML: a mapping of Treatment fields
-                object.__setattr__(self, kind, Treatment(**t))
+            if isinstance(t, Mapping):  # Hydra / YAML: a mapping of Treatment fields
+                object.__setattr__(self, kind, Treatment(**dict(t)))
             elif isinstance(t, str):
                 object.__setattr__(self, kind, Treatment(method=t))
             elif not isinstance(getattr(self, kind), Treatment):
@@ -263,6 +265,11 @@ class _Scope:
                 self._cache[cache_key] = (hit, t)
             c.stats[self.kind] += t.numel() * t.element_size()
             return hit
+        if (c.config.dropout_mask and self.kind in ("attention", "dropout_mask")
+                and t.is_floating_point() and not t.requires_grad):
+            hit = self._pack_float_mask(t, key_storage)
+            if hit is not None:
+                return hit
         tr = self.treatment
         if tr is None or tr.method == "none" or not t.is_floating_point():
             return ("raw", self._out(t))
@@ -280,12 +287,32 @@ class _Scope:
         c.stats[self.kind] += t.numel() * t.element_size()
         return hit
 
+    def _pack_float_mask(self, t: torch.Tensor, key_storage: Any) -> "_Packed | None":
+        """Dropout on CPU saves its mask as floats {0, 1/(1-p)}: store it as bits
+        plus the one scale, if (and only if) that is lossless. Costs one
+        reduction and one host sync per candidate (tensors that need no grad)."""
+        cache_key = (key_storage, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t._version)
+        hit = self._cache.get(cache_key, (None,))[0]
+        if hit is not None:
+            return hit
+        scale = t.amax()
+        if not bool(((t == 0) | (t == scale)).all()):
+            return None
+        packed, shape = pack_bool(t != 0)
+        hit = _Packed("mask", (shape, t.dtype), [self._out(packed), self._out(scale.reshape(1))])
+        self._cache[cache_key] = (hit, t)
+        self.compressor.stats[self.kind] += t.numel() * t.element_size()
+        return hit
+
     def unpack(self, obj: Any) -> torch.Tensor:
         if isinstance(obj, tuple):
             return self._in(obj[1])
         pieces = [self._in(p) for p in obj.pieces]
         if obj.kind == "bool":
             return unpack_bool(pieces[0], obj.meta)
+        if obj.kind == "mask":
+            shape, dtype = obj.meta
+            return unpack_bool(pieces[0], shape).to(dtype) * pieces[1].to(dtype)
         meta = obj.meta
         if obj.kind == "topk":
             meta.values, meta.indices, meta.mean = pieces

@@ -34,6 +34,12 @@ class SlimFitConfig:
             frozen steps (``None``: the paper's behaviour, where stale scores
             age only implicitly as the learning rate decays).
         score_eps: epsilon in ``|W_new - W_old| / (|W_old| + eps)``.
+        lr_normalized: divide each score by the learning rate its step used.
+            The paper's raw score is proportional to the learning rate, so
+            under warm-up the units measured first (at a tiny lr) look
+            converged and, with stale scores, stay frozen; normalizing makes
+            scores comparable across steps. Combine with ``max_frozen_age``
+            (the implicit aging from lr decay is gone too).
     """
 
     freeze_rate: float = 0.9
@@ -44,6 +50,7 @@ class SlimFitConfig:
     seed: int = 0
     max_frozen_age: int | None = None
     score_eps: float = 1e-8
+    lr_normalized: bool = False
 
     def __post_init__(self):
         r = self.freeze_rate
@@ -67,6 +74,8 @@ class SlimFitConfig:
         a = self.max_frozen_age
         if a is not None and (isinstance(a, bool) or not isinstance(a, int) or a < 1):
             raise SlimFitError(f"max_frozen_age must be None or an int >= 1, got {a!r}.")
+        if not isinstance(self.lr_normalized, bool):
+            raise SlimFitError(f"lr_normalized must be a bool, got {self.lr_normalized!r}.")
         if not isinstance(self.score_eps, (int, float)) or not self.score_eps > 0:
             raise SlimFitError(f"score_eps must be a positive float, got {self.score_eps!r}.")
 

@@ -62,6 +62,7 @@ class LayerFreezer:
         self.frozen: list[int] | None = None
         self.last_stats: dict[str, float] = {}
         self._snapshot: WeightSnapshot | None = None
+        self._lrs: list[float] | None = None
 
     @property
     def num_frozen(self) -> int:
@@ -90,11 +91,23 @@ class LayerFreezer:
                     p.grad = None  # a stale grad would let the optimizer move it
         self.frozen = sorted(fz)
 
-    def before_optimizer_step(self) -> None:
-        """Snapshot the trained units (call after backward, before ``step``)."""
+    def before_optimizer_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Snapshot the trained units (call after backward, before ``step``).
+
+        Args:
+            optimizer: needed with ``lr_normalized=True``, to read the learning
+                rate each trained unit is about to be updated with.
+        """
         if self.frozen is None:
             raise SlimFitError("before_optimizer_step() called before apply(): no step is open.")
         fz = set(self.frozen)
+        self._lrs = None
+        if self.config.lr_normalized:
+            if optimizer is None:
+                raise SlimFitError("lr_normalized=True needs before_optimizer_step(optimizer).")
+            lr_of = {id(p): float(g["lr"]) for g in optimizer.param_groups for p in g["params"]}
+            self._lrs = [lr_of.get(id(u.params[0]), 0.0)
+                         for i, u in enumerate(self.units) if i not in fz]
         for i in self.frozen:  # guard: nothing may have re-created a frozen grad
             for p in self.units[i].params:
                 p.grad = None
@@ -116,6 +129,8 @@ class LayerFreezer:
             raise SlimFitError("after_optimizer_step() needs before_optimizer_step() first.")
         scores = self._snapshot.scores()
         self._snapshot = None
+        if self._lrs is not None:  # change per unit of learning rate
+            scores = [s / lr if lr > 0 else 0.0 for s, lr in zip(scores, self._lrs)]
         # A step that moved no trained weight at all (skipped by the grad
         # scaler, or lr = 0 during warm-up) says nothing about convergence.
         measured = not skipped and any(s > 0.0 for s in scores)

@@ -11,8 +11,7 @@ EXP = pathlib.Path(__file__).resolve().parents[1] / "experiments"
 
 def run(args, tmp_path, timeout=300):
     out = subprocess.run([sys.executable, *args], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=timeout, env={**__import__("os").environ,
-                                               "PYTHONPATH": str(EXP)})
+                         timeout=timeout)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 

@@ -93,3 +93,24 @@ def test_misuse_is_reported():
 def test_config_validation(kw, match):
     with pytest.raises(SlimFitError, match=match):
         SlimFitConfig(**kw)
+
+
+def test_lr_normalized_scores_divide_by_the_step_learning_rate():
+    torch.manual_seed(0)
+    scores = {}
+    for normalized in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+        opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.5},
+                               {"params": model[1].parameters(), "lr": 0.1}])
+        f = LayerFreezer(model, freeze_rate=0.0, lr_normalized=normalized)
+        f.apply(f.decide())
+        model(torch.randn(3, 4)).sum().backward()
+        f.before_optimizer_step(opt)
+        opt.step()
+        f.after_optimizer_step()
+        scores[normalized] = f.scheduler.scores
+    torch.testing.assert_close(scores[True], [scores[False][0] / 0.5, scores[False][1] / 0.1])
+    with pytest.raises(SlimFitError, match="needs before_optimizer_step\\(optimizer\\)"):
+        f.apply(f.decide())
+        f.before_optimizer_step()

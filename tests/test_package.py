@@ -16,7 +16,7 @@ class Block:
 sys.meta_path.insert(0, Block())
 import importlib, pkgutil, slimfit
 for m in pkgutil.iter_modules(slimfit.__path__):
-    if m.name != 'callbacks':
+    if m.name not in ('callbacks', 'experiments'):
         importlib.import_module('slimfit.' + m.name)
 print('ok')
 """
@@ -33,10 +33,11 @@ def test_callbacks_installed_as_subpackage_only(tmp_path):
 
     assert slimfit.callbacks.MemoryMonitor.__module__ == "slimfit.callbacks.memory_monitor"
     # Outside the repository (no source dir on sys.path) no top-level package exists.
-    code = "import importlib.util as u; print(u.find_spec('callbacks'), u.find_spec('slimfit.callbacks') is not None)"
+    code = ("import importlib.util as u; print(u.find_spec('callbacks'), u.find_spec('experiments'), "
+            "u.find_spec('slimfit.callbacks') is not None, u.find_spec('slimfit.experiments') is not None)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=tmp_path, timeout=60)
-    assert out.stdout.split() == ["None", "True"], out.stderr
+    assert out.stdout.split() == ["None", "None", "True", "True"], out.stderr
 
 
 def test_every_core_module_has_a_docstring():
