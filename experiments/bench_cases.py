@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import os
+import time
 from typing import Callable
 
 import torch
@@ -97,3 +98,41 @@ def make_optimizer(name: str, model: nn.Module, lr: float = 2e-5) -> torch.optim
         import bitsandbytes as bnb
         return bnb.optim.AdamW8bit(model.parameters(), lr=lr, weight_decay=0.01)
     raise ValueError(f"unknown optimizer {name!r}; choose adamw, sgd or adamw8bit")
+
+
+def train_step(case: Case, optimizer: torch.optim.Optimizer, freezer=None, measure: bool = False):
+    """One optimizer step of ``case``, with SlimFit freezing when ``freezer``
+    (a :class:`slimfit.freezer.LayerFreezer`) is given; with ``measure`` the
+    step runs under the ledger and its :class:`MemoryReport` is returned."""
+    from slimfit.ledger import measure_step
+
+    if freezer is not None:
+        freezer.apply(freezer.decide())
+
+    def fwd_bwd():
+        case.loss().backward()
+        if freezer is not None:
+            freezer.before_optimizer_step(optimizer)
+
+    report = None
+    if measure:
+        report = measure_step(case.model, optimizer, fwd_bwd)
+    else:
+        optimizer.zero_grad(set_to_none=True)
+        fwd_bwd()
+        optimizer.step()
+    if freezer is not None:
+        freezer.after_optimizer_step()
+    return report
+
+
+def timed_steps(case: Case, optimizer, freezer, n: int) -> float:
+    """Median wall time of ``n`` steps (CUDA synchronised)."""
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        train_step(case, optimizer, freezer)
+        if next(case.model.parameters()).is_cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]

@@ -24,37 +24,13 @@ from __future__ import annotations
 
 import argparse
 import gc
-import time
 
-import torch
-
-from slimfit.experiments.bench_cases import build_case, make_optimizer
+from slimfit.experiments.bench_cases import build_case, make_optimizer, timed_steps, train_step
 from slimfit.compress import ActivationCompressor, CompressionConfig, Treatment
 from slimfit.freezer import LayerFreezer
-from slimfit.ledger import format_bytes, measure_step
+from slimfit.ledger import format_bytes
 
 ARMS = ("full", "slimfit", "slimfit+compress")
-
-
-def step(case, opt, freezer, measure):
-    if freezer is not None:
-        freezer.apply(freezer.decide())
-
-    def fwd_bwd():
-        case.loss().backward()
-        if freezer is not None:
-            freezer.before_optimizer_step()
-
-    rep = None
-    if measure:
-        rep = measure_step(case.model, opt, fwd_bwd)
-    else:
-        opt.zero_grad(set_to_none=True)
-        fwd_bwd()
-        opt.step()
-    if freezer is not None:
-        freezer.after_optimizer_step()
-    return rep
 
 
 def run_arm(args, arm, batch_sizes, comp_cfg):
@@ -66,24 +42,17 @@ def run_arm(args, arm, batch_sizes, comp_cfg):
     if arm == "slimfit+compress":
         comp = ActivationCompressor(case.model, comp_cfg).install()
     while freezer is not None and not freezer.scheduler.initial_pass_done:
-        step(case, opt, freezer, False)
+        train_step(case, opt, freezer)
     if freezer is None:
-        step(case, opt, None, False)  # AdamW state for every tensor
+        train_step(case, opt)  # AdamW state for every tensor
     out = {}
     for bs in batch_sizes:
         big = build_case(args.model, bs, args.seq_len, args.image_size, args.device)
         case.batch = big.batch
         del big
-        step(case, opt, freezer, False)  # warm-up at this shape
-        times = []
-        for _ in range(args.timed_steps):
-            t0 = time.perf_counter()
-            step(case, opt, freezer, False)
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        rep = step(case, opt, freezer, True)
-        out[bs] = (rep, sorted(times)[len(times) // 2])
+        train_step(case, opt, freezer)  # warm-up at this shape
+        t = timed_steps(case, opt, freezer, args.timed_steps)
+        out[bs] = (train_step(case, opt, freezer, measure=True), t)
         print(f"  {arm:17s} batch {bs:4d}: total {format_bytes(rep.total):>11s}, activations "
               f"{format_bytes(rep.activations):>11s}, step {out[bs][1]:.2f} s", flush=True)
     desc = case.describe.rsplit(", batch", 1)[0]

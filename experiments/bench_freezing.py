@@ -14,45 +14,17 @@ units only) is transient and reported on its own row.
 from __future__ import annotations
 
 import argparse
-import time
 
-import torch
-
-from slimfit.experiments.bench_cases import CASES, build_case, make_optimizer
+from slimfit.experiments.bench_cases import (CASES, build_case, make_optimizer, timed_steps,
+                                             train_step)
 from slimfit.freezer import LayerFreezer
-from slimfit.ledger import format_bytes, measure_step
+from slimfit.ledger import format_bytes
 
 
-def run_arm(case, optimizer, freezer, timed_steps):
-    """Time ``timed_steps`` optimizer steps, then measure one with the ledger."""
-    def one_step(measure=False):
-        if freezer is not None:
-            freezer.apply(freezer.decide())
-
-        def fwd_bwd():
-            case.loss().backward()
-            if freezer is not None:
-                freezer.before_optimizer_step()
-
-        if measure:
-            rep = measure_step(case.model, optimizer, fwd_bwd)
-        else:
-            optimizer.zero_grad(set_to_none=True)
-            fwd_bwd()
-            optimizer.step()
-            rep = None
-        if freezer is not None:
-            freezer.after_optimizer_step()
-        return rep
-
-    times = []
-    for _ in range(timed_steps):
-        t0 = time.perf_counter()
-        one_step()
-        if case.batch[next(iter(case.batch))].is_cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return one_step(measure=True), sorted(times)[len(times) // 2]
+def run_arm(case, optimizer, freezer, n_timed):
+    """Time ``n_timed`` optimizer steps, then measure one with the ledger."""
+    t = timed_steps(case, optimizer, freezer, n_timed)
+    return train_step(case, optimizer, freezer, measure=True), t
 
 
 def main(argv=None) -> None:
@@ -76,12 +48,12 @@ def main(argv=None) -> None:
         if arm == "slimfit":
             freezer = LayerFreezer(case.model, freeze_rate=args.freeze_rate, seed=args.seed)
             while not freezer.scheduler.initial_pass_done:  # every tensor trained once
-                run_arm(case, opt, freezer, 1)
+                train_step(case, opt, freezer)
             print(f"SlimFit initial pass done after {freezer.scheduler.step} steps, "
                   f"{len(freezer.units)} units, "
                   f"{freezer.num_frozen} frozen per step")
         else:
-            run_arm(case, opt, None, 1)  # warm-up: AdamW state allocated
+            train_step(case, opt)  # warm-up: AdamW state allocated
         rep, t = run_arm(case, opt, freezer, args.timed_steps)
         snap = 0
         if freezer is not None:

@@ -16,6 +16,8 @@ import argparse
 import pathlib
 
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
 
 from slimfit.experiments import report
 from slimfit.experiments.train import CONFIG_DIR, run
@@ -34,9 +36,13 @@ def main(argv=None) -> None:
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         for i, exp in enumerate(EXPERIMENTS, 1):
             print(f"\n=== [{i}/{len(EXPERIMENTS)}] {exp}: {args.steps} steps ===", flush=True)
-            cfg = compose("train", overrides=[f"experiment={exp}", f"seed={args.seed}",
-                                              f"trainer.max_steps={args.steps}",
-                                              f"output_dir={out / exp}", *args.overrides])
+            cfg = compose("train", return_hydra_config=True,
+                          overrides=[f"experiment={exp}", f"seed={args.seed}",
+                                     f"trainer.max_steps={args.steps}",
+                                     f"output_dir={out / exp}", *args.overrides])
+            HydraConfig.instance().set_config(cfg)  # so results name the chosen model config
+            with open_dict(cfg):
+                del cfg["hydra"]
             run(cfg)
     print()
     report.main([str(out)])
