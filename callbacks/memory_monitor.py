@@ -79,7 +79,9 @@ class MemoryMonitor(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self._tracker is None or self._grads is None:
             return  # not measuring, or a micro-batch inside an accumulation window
-        optim = count_optimizer_state(pl_module, trainer.optimizers)
+        host = set().union(*(c.offloaded_storage_keys() for c in trainer.callbacks
+                             if hasattr(c, "offloaded_storage_keys")))
+        optim = count_optimizer_state(pl_module, trainer.optimizers, host)
         self._cuda_cm.__exit__(None, None, None)
         report = build_report(pl_module, self._tracker, self._grads, optim, cuda=self._cuda_box[0])
         self._reset()

@@ -21,9 +21,11 @@ the model (they would never be synchronised).
 from __future__ import annotations
 
 import pathlib
+import warnings
 from typing import Any, Sequence
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -31,6 +33,8 @@ from slimfit.compress import ActivationCompressor, CompressionConfig
 from slimfit.config import SlimFitConfig
 from slimfit.errors import UnsupportedSetupError
 from slimfit.freezer import LayerFreezer
+from slimfit.offload import OptimizerStateOffloader, activation_offload
+from slimfit.planner import Plan, build_plan, optimizer_like, parse_budget, plan_for_budget
 from slimfit.selection import Pattern
 
 __all__ = ["SlimFit"]
@@ -74,6 +78,16 @@ class SlimFit(pl.Callback):
             operands and probabilities, LayerNorm input, FFN down-projection
             input, dropout masks): ``True`` for the defaults, a
             :class:`slimfit.compress.CompressionConfig`, or ``None``/``False``.
+        offload_optimizer_state: keep the optimizer state of frozen units in
+            pinned host memory, prefetched on a side CUDA stream when the unit
+            trains again (exact).
+        offload_activations: save tensors for backward in host memory
+            (``save_on_cpu``; combined with compression, the compressed bytes
+            are what moves).
+        memory_budget: e.g. ``"12GiB"``: at the first step, calibration steps
+            measured by the ledger choose the freezing rate, offload and
+            compression that fit (``slimfit.planner``); the other options
+            then only set selection and scoring.
         log_every_n_steps: log frozen fraction and score statistics this often.
         output_dir: where the heatmap and summary go at the end of training
             (default ``<log_dir or default_root_dir>/slimfit``).
@@ -93,6 +107,8 @@ class SlimFit(pl.Callback):
                  groups: Sequence[str] | None = None, seed: int = 0,
                  max_frozen_age: int | None = None, score_eps: float = 1e-8,
                  lr_normalized: bool = False, compression: CompressionConfig | bool | None = None,
+                 offload_optimizer_state: bool = False, offload_activations: bool = False,
+                 memory_budget: str | int | None = None,
                  log_every_n_steps: int = 1, output_dir: str | None = None):
         self.config = SlimFitConfig(freeze_rate=freeze_rate, include=include, exclude=exclude,
                                     always_train=always_train, groups=groups, seed=seed,
@@ -109,6 +125,20 @@ class SlimFit(pl.Callback):
             raise TypeError(f"compression must be True, False, None or a CompressionConfig, "
                             f"got {compression!r}.")
         self.compression = compression
+        for name, v in (("offload_optimizer_state", offload_optimizer_state),
+                        ("offload_activations", offload_activations)):
+            if not isinstance(v, bool):
+                raise TypeError(f"{name} must be a bool, got {v!r}.")
+        if (offload_optimizer_state or offload_activations) and not torch.cuda.is_available():
+            warnings.warn("SlimFit offload requested but no CUDA device is available: host and "
+                          "device memory are the same here, so offloading saves nothing (the "
+                          "bookkeeping still runs).", UserWarning, stacklevel=2)
+        self.offload_optimizer_state = offload_optimizer_state
+        self.offload_activations = offload_activations
+        self.offloader: OptimizerStateOffloader | None = None
+        self._act_offload: Any = None
+        self.memory_budget = None if memory_budget is None else parse_budget(memory_budget)
+        self.plan: Plan | None = None
         self.log_every_n_steps = log_every_n_steps
         self.output_dir = output_dir
         self.freezer: LayerFreezer | None = None
@@ -148,6 +178,9 @@ class SlimFit(pl.Callback):
                 f"{len(missing)} SlimFit candidate(s) are not in the optimizer (e.g. {missing[:3]}); "
                 "they would never be trained. Pass all trainable parameters to the optimizer or "
                 "exclude them with SlimFit(exclude=[...]).")
+        if self.offload_optimizer_state:
+            self.offloader = OptimizerStateOffloader(trainer.optimizers[0],
+                                                     [u.params for u in self.freezer.units])
         frozen = [u.name for u in self.freezer.units if not all(p.requires_grad for p in u.params)]
         if frozen:  # DDP registered only trainable tensors when it wrapped the model
             raise UnsupportedSetupError(
@@ -156,17 +189,51 @@ class SlimFit(pl.Callback):
                 "between setup and fit start, or exclude them from SlimFit.")
 
     # -- per step ---------------------------------------------------------------
+    def _make_plan(self, trainer, pl_module, batch, batch_idx) -> None:
+        opt = trainer.optimizers[0]
+        options = self.config.selection_kwargs() | {"max_frozen_age": self.config.max_frozen_age,
+                                                    "lr_normalized": self.config.lr_normalized}
+        plan = plan_for_budget(
+            pl_module, optimizer_like(opt), lambda: _loss_of(pl_module.training_step(batch, batch_idx)), self.memory_budget,
+            seed=self.config.seed, compression=self.compression, **options)
+        self.plan = trainer.strategy.broadcast(plan, src=0) if trainer.world_size > 1 else plan
+        rank_zero_info(self.plan.describe())
+        if self.compressor is not None:
+            self.compressor.remove()
+        self.freezer, self.compressor, self.offloader = build_plan(
+            self.plan, pl_module, opt, self.compression, seed=self.config.seed, **options)
+        self.offload_activations = self.plan.candidate.offload_activations
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self._open_step == trainer.global_step:
             return  # later micro-batch of the same optimizer step
+        if self.memory_budget is not None and self.plan is None:
+            self._make_plan(trainer, pl_module, batch, batch_idx)
         frozen = self.freezer.decide()
         if trainer.world_size > 1:  # identical frozen sets on every rank, whatever the scores
             frozen = trainer.strategy.broadcast(frozen, src=0)
         self.freezer.apply(frozen)
+        if self.offloader is not None:
+            self.offloader.sync(frozen)  # state of frozen units to host, trained ones back
+        if self.offload_activations:
+            self._act_offload = activation_offload()
+            self._act_offload.__enter__()
         self._open_step = trainer.global_step
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self._end_activation_offload()
+        if self.offloader is not None:
+            self.offloader.before_optimizer_step()
         self.freezer.before_optimizer_step(optimizer)
+
+    def _end_activation_offload(self) -> None:
+        if self._act_offload is not None:
+            self._act_offload.__exit__(None, None, None)
+            self._act_offload = None
+
+    def offloaded_storage_keys(self) -> set:
+        """Optimizer state held in host memory, for the memory ledger."""
+        return self.offloader.host_storage_keys() if self.offloader is not None else set()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self._open_step is None or trainer.global_step == self._open_step:
@@ -181,6 +248,9 @@ class SlimFit(pl.Callback):
 
     # -- end of training ------------------------------------------------------------
     def _release(self) -> None:
+        self._end_activation_offload()
+        if self.offloader is not None:
+            self.offloader.restore_all()
         if self.freezer is not None:
             self.freezer.restore()
         if self.compressor is not None:
@@ -211,6 +281,8 @@ class SlimFit(pl.Callback):
 
     # -- checkpointing ----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        if self.offloader is not None:  # Lightning reads optimizer state right after this
+            self.offloader.synchronize()
         return self.freezer.state_dict() if self.freezer is not None else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -218,3 +290,8 @@ class SlimFit(pl.Callback):
             self._pending_state = state_dict
         else:
             self.freezer.load_state_dict(state_dict)
+
+
+def _loss_of(out: Any):
+    """The loss a ``training_step`` returned (a tensor or a dict with ``loss``)."""
+    return out["loss"] if isinstance(out, dict) else out

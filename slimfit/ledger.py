@@ -122,6 +122,8 @@ class MemoryReport:
     buffers: int = 0
     per_module: dict[str, ModuleBytes] = dataclasses.field(default_factory=dict)
     cuda: CudaPeak | None = None
+    #: optimizer state held in host memory (offloaded); not part of ``total``
+    offloaded_optimizer_state: int = 0
 
     @property
     def total(self) -> int:
@@ -132,6 +134,8 @@ class MemoryReport:
         """Flat ``{name: bytes}`` for loggers (CUDA figures only when present)."""
         out = {f"{prefix}{c}": float(getattr(self, c)) for c in CATEGORIES}
         out[f"{prefix}total"] = float(self.total)
+        if self.offloaded_optimizer_state:
+            out[f"{prefix}offloaded_optimizer_state"] = float(self.offloaded_optimizer_state)
         if self.cuda is not None:
             out[f"{prefix}cuda_max_allocated"] = float(self.cuda.max_allocated)
             out[f"{prefix}cuda_max_reserved"] = float(self.cuda.max_reserved)
@@ -159,6 +163,9 @@ class MemoryReport:
         rows = [("parameters", self.parameters), ("gradients", self.gradients),
                 ("optimizer state", self.optimizer_state),
                 ("activations (peak saved)", self.activations), ("**total**", self.total)]
+        if self.offloaded_optimizer_state:
+            rows.append(("optimizer state in host memory (not in total)",
+                         self.offloaded_optimizer_state))
         if self.cuda is not None:
             rows += [("cuda max_memory_allocated", self.cuda.max_allocated),
                      ("cuda reserved peak", self.cuda.max_reserved)]
@@ -290,26 +297,37 @@ def check_optimizer_owns(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
 
 
 def count_optimizer_state(model: nn.Module,
-                          optimizers: torch.optim.Optimizer | Iterable[torch.optim.Optimizer]
-                          ) -> tuple[int, dict[str, int]]:
+                          optimizers: torch.optim.Optimizer | Iterable[torch.optim.Optimizer],
+                          offloaded: set | None = None) -> tuple[int, dict[str, int], int]:
     """Bytes of every tensor in the optimizers' ``state``, attributed to the owner module.
 
     Tables shared between parameters (bitsandbytes' quantization maps) count once,
-    against the first parameter that holds them.
+    against the first parameter that holds them. State held in host memory
+    (on another device than its parameter, or whose storage key is in
+    ``offloaded``: see :class:`slimfit.offload.OptimizerStateOffloader`) is
+    returned apart and not attributed to modules.
+
+    Returns:
+        ``(resident_bytes, {module: resident_bytes}, offloaded_bytes)``.
     """
     if isinstance(optimizers, torch.optim.Optimizer):
         optimizers = [optimizers]
+    offloaded = offloaded or set()
     owners = _param_owners(model)
     seen: set = set()
     per: dict[str, int] = {}
-    total = 0
+    total = host = 0
     for p, st in (item for opt in optimizers for item in opt.state.items()):
-        b = _unique_bytes(_state_tensors(st), seen)
+        tensors = list(_state_tensors(st))
+        away = [t for t in tensors if t.numel() > 1 and
+                (t.device != p.device or storage_key(t)[0] in offloaded)]
+        host += _unique_bytes(away, seen)
+        b = _unique_bytes((t for t in tensors if not any(t is a for a in away)), seen)
         if b:
             name = owners.get(id(p), "(not in model)")
             per[name] = per.get(name, 0) + b
             total += b
-    return total, per
+    return total, per, host
 
 
 # --------------------------------------------------------------------------
@@ -484,7 +502,7 @@ def cuda_peak(model: nn.Module) -> Iterator[list[CudaPeak | None]]:
 
 
 def build_report(model: nn.Module, tracker: SavedTensorTracker,
-                 grads: tuple[int, dict[str, int]], optim: tuple[int, dict[str, int]],
+                 grads: tuple[int, dict[str, int]], optim: tuple[int, dict[str, int], int],
                  cuda: CudaPeak | None = None) -> MemoryReport:
     """Assemble a :class:`MemoryReport` from the pieces a step produced."""
     tracker.finalize()
@@ -500,11 +518,12 @@ def build_report(model: nn.Module, tracker: SavedTensorTracker,
         if name not in per:
             per[name] = ModuleBytes(optimizer_state=b)
     return MemoryReport(parameters=p_total, gradients=grads[0], optimizer_state=optim[0],
-                        activations=tracker.peak, buffers=b_total, per_module=per, cuda=cuda)
+                        activations=tracker.peak, buffers=b_total, per_module=per, cuda=cuda,
+                        offloaded_optimizer_state=optim[2])
 
 
 def measure_step(model: nn.Module, optimizer: torch.optim.Optimizer,
-                 step_fn: Callable[[], Any]) -> MemoryReport:
+                 step_fn: Callable[[], Any], offloaded: set | None = None) -> MemoryReport:
     """Run one real training step and count its memory.
 
     The ledger clears gradients (``set_to_none``), runs ``step_fn`` (which must
@@ -517,6 +536,8 @@ def measure_step(model: nn.Module, optimizer: torch.optim.Optimizer,
         model: the module being trained.
         optimizer: an optimizer built from ``model``'s parameters.
         step_fn: zero-argument callable doing forward + backward.
+        offloaded: storage keys of optimizer state kept in host memory (from
+            ``OptimizerStateOffloader.host_storage_keys()``), reported apart.
 
     Returns:
         The :class:`MemoryReport` of that step.
@@ -545,6 +566,6 @@ def measure_step(model: nn.Module, optimizer: torch.optim.Optimizer,
                 f"{type(model).__name__}: it must run the forward pass and call "
                 "loss.backward() (and at least one parameter must require grad).")
         optimizer.step()
-        optim = count_optimizer_state(model, optimizer)
+        optim = count_optimizer_state(model, optimizer, offloaded)
     optimizer.zero_grad(set_to_none=True)
     return build_report(model, tracker, grads, optim, cuda=box[0])

@@ -1,0 +1,184 @@
+"""GPU check of the memory modes, in one go (a few minutes on one H100):
+``torch.cuda.max_memory_allocated`` and step time for BERT-base (seq 128) and
+ViT-B/16 (224 px) at batch 32 and 128, for
+
+* full fine-tuning (AdamW),
+* SlimFit r=0.9 + static-activation compression,
+* the same with bitsandbytes AdamW8bit,
+* the same with optimizer-state offload of frozen units and activation offload,
+* the budget planner at ``--budget-fraction`` of full fine-tuning's peak,
+
+with ratios against full fine-tuning, and the ledger total beside the
+allocator's peak.
+
+    python -m slimfit.experiments.gpu_check            # needs CUDA
+    python -m slimfit.experiments.gpu_check --models bert-base --batch-sizes 32
+
+Each arm: a fresh model, the SlimFit initial pass at batch 2 (every tensor
+gets optimizer state, as in a long run), one warm-up step at the measured
+shape, then ``reset_peak_memory_stats`` and ``--steps`` timed steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+
+import torch
+
+from slimfit.compress import ActivationCompressor
+from slimfit.experiments.bench_cases import build_case, make_optimizer
+from slimfit.freezer import LayerFreezer
+from slimfit.ledger import format_bytes, measure_step
+from slimfit.offload import OptimizerStateOffloader, activation_offload
+from slimfit.planner import BudgetError, build_plan, optimizer_like, plan_for_budget
+
+ARMS = ("full", "slimfit", "slimfit+8bit", "slimfit+offload", "planner")
+
+
+def _step(case, opt, freezer, off, act_off, measure=False):
+    if freezer is not None:
+        fz = freezer.decide()
+        freezer.apply(fz)
+        if off is not None:
+            off.sync(fz)
+
+    def fb():
+        if act_off:
+            with activation_offload():
+                case.loss().backward()
+        else:
+            case.loss().backward()
+        if off is not None:
+            off.before_optimizer_step()
+        if freezer is not None:
+            freezer.before_optimizer_step(opt)
+
+    rep = None
+    if measure:
+        rep = measure_step(case.model, opt, fb, off.host_storage_keys() if off else None)
+    else:
+        opt.zero_grad(set_to_none=True)
+        fb()
+        opt.step()
+    if freezer is not None:
+        freezer.after_optimizer_step()
+    return rep
+
+
+DEVICE = "cuda"
+
+
+def cuda_batch(model_name: str, bs: int) -> dict:
+    """The case's fixed batch at ``bs`` (its throwaway model is built on the CPU)."""
+    return {k: v.to(DEVICE) for k, v in build_case(model_name, bs).batch.items()}
+
+
+def _sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_arm(args, model_name, bs, arm, full_peak):
+    case = build_case(model_name, 2, device=DEVICE)
+    opt = make_optimizer("adamw8bit" if arm == "slimfit+8bit" else "adamw", case.model)
+    freezer = comp = off = None
+    act_off = False
+    plan_txt = ""
+    if arm in ("slimfit", "slimfit+8bit", "slimfit+offload"):
+        freezer = LayerFreezer(case.model, freeze_rate=0.9)
+        comp = ActivationCompressor(case.model).install()
+        if arm == "slimfit+offload":
+            off = OptimizerStateOffloader(opt, [u.params for u in freezer.units])
+            act_off = True
+    elif arm == "planner":
+        small = case.batch
+        case.batch = cuda_batch(model_name, bs)
+        budget = int(full_peak * args.budget_fraction)
+        plan = plan_for_budget(case.model, optimizer_like(opt), case.loss, budget)
+        plan_txt = plan.describe()
+        freezer, comp, off = build_plan(plan, case.model, opt)
+        act_off = plan.candidate.offload_activations
+        case.batch = small
+    while freezer is not None and not freezer.scheduler.initial_pass_done:
+        _step(case, opt, freezer, off, act_off)
+    if freezer is None:
+        _step(case, opt, None, None, False)
+    case.batch = cuda_batch(model_name, bs)
+    _step(case, opt, freezer, off, act_off)  # warm-up at this shape
+    _sync()
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        _step(case, opt, freezer, off, act_off)
+    _sync()
+    dt = (time.perf_counter() - t0) / args.steps
+    rep = _step(case, opt, freezer, off, act_off, measure=True)
+    # --device cpu (a smoke test of this script): the ledger stands in for the allocator
+    peak = torch.cuda.max_memory_allocated() if DEVICE == "cuda" else rep.total
+    if comp is not None:
+        comp.remove()
+    del case, opt, freezer, comp, off
+    gc.collect()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+    return peak, dt, rep, plan_txt
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["bert-base", "vit-b16"])
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128])
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--budget-fraction", type=float, default=1 / 6)
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                    help="cpu: a smoke test of the script, ledger figures only")
+    args = ap.parse_args(argv)
+    global DEVICE
+    DEVICE = args.device
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("gpu_check needs a CUDA device; on CPU use bench_compression.py (ledger) "
+                         "or --device cpu for a smoke test.")
+    print(f"device: {torch.cuda.get_device_name() if DEVICE == 'cuda' else 'cpu'}, "
+          f"torch {torch.__version__}")
+    for model_name in args.models:
+        for bs in args.batch_sizes:
+            rows = {}
+            for arm in ARMS:
+                if arm == "planner" and rows.get("full") is None:
+                    continue  # the budget is a fraction of full fine-tuning's peak
+                full_peak = rows["full"][0] if rows.get("full") else None
+                try:
+                    rows[arm] = run_arm(args, model_name, bs, arm, full_peak)
+                except torch.OutOfMemoryError:
+                    rows[arm] = None
+                    torch.cuda.empty_cache()
+                except BudgetError as e:  # the planner's own refusal, reported as such
+                    print(f"  {model_name} b{bs} planner: {e}")
+                    rows[arm] = None
+                r = rows[arm]
+                print(f"  {model_name} b{bs} {arm}: " + (
+                    f"peak {format_bytes(r[0])}, step {r[1]:.3f} s, ledger {format_bytes(r[2].total)}"
+                    if r else "out of memory"), flush=True)
+                if r and r[3]:
+                    print("    " + r[3].replace("\n", "\n    "))
+            f = rows.get("full")
+            if f is None:
+                print(f"\n### {model_name}, batch {bs}: full fine-tuning ran out of memory\n")
+                continue
+            print(f"\n### {model_name}, batch {bs}\n")
+            print("| arm | max_memory_allocated | vs full | step s | vs full | ledger total | ledger / allocator |")
+            print("|---|---:|---:|---:|---:|---:|---:|")
+            for arm, r in rows.items():
+                if r is None:
+                    print(f"| {arm} | OOM or no plan | | | | | |")
+                    continue
+                print(f"| {arm} | {format_bytes(r[0])} | {f[0] / r[0]:.2f}x smaller | {r[1]:.3f} | "
+                      f"{r[1] / f[1]:.2f} | {format_bytes(r[2].total)} | {r[2].total / r[0]:.2f} |")
+            print()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""The budget planner: plans fit the budget on the ledger, bad budgets fail clearly."""
+
+import pytest
+import torch
+
+from slimfit.compress import ActivationCompressor
+from slimfit.freezer import LayerFreezer
+from slimfit.ledger import measure_step
+from slimfit.offload import OptimizerStateOffloader
+from slimfit.planner import BudgetError, Candidate, parse_budget, plan_for_budget
+
+
+def medium_bert():
+    from transformers import BertConfig, BertForSequenceClassification
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(
+        vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=256, max_position_embeddings=64, attn_implementation="eager")).eval()
+
+
+def medium_vit():
+    from transformers import ViTConfig, ViTForImageClassification
+    torch.manual_seed(0)
+    return ViTForImageClassification(ViTConfig(
+        image_size=32, patch_size=4, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=256, num_labels=10, attn_implementation="eager")).eval()
+
+
+CASES = {
+    "bert": (medium_bert, lambda g: {"input_ids": torch.randint(0, 512, (16, 48), generator=g),
+                                     "labels": torch.randint(0, 2, (16,), generator=g)}),
+    "vit": (medium_vit, lambda g: {"pixel_values": torch.randn(16, 3, 32, 32, generator=g),
+                                   "labels": torch.randint(0, 10, (16,), generator=g)}),
+}
+
+
+def adamw(params):
+    return torch.optim.AdamW(params, lr=1e-3)
+
+
+def run_plan(model, plan, batch_fn, steps):
+    """Train with the plan's configuration; return the ledger totals per step."""
+    c = plan.candidate
+    opt = adamw(model.parameters())
+    f = LayerFreezer(model, freeze_rate=c.freeze_rate) if c.freeze_rate else None
+    comp = ActivationCompressor(model).install() if c.compression else None
+    off = None
+    g = torch.Generator().manual_seed(1)
+    totals = []
+    for _ in range(steps):
+        batch = batch_fn(g)
+        if f:
+            fz = f.decide()
+            f.apply(fz)
+            if c.offload_optimizer_state:
+                off = off or OptimizerStateOffloader(opt, [u.params for u in f.units])
+                off.sync(fz)
+
+        def fb():
+            model(**batch).loss.backward()
+            if f:
+                f.before_optimizer_step(opt)
+
+        totals.append(measure_step(model, opt, fb, off.host_storage_keys() if off else None).total)
+        if f:
+            f.after_optimizer_step()
+    if comp:
+        comp.remove()
+    if f:
+        f.restore()
+    return totals
+
+
+@pytest.mark.parametrize("name", ["bert", "vit"])
+def test_plans_respect_the_budget_on_the_ledger(name):
+    factory, batch_fn = CASES[name]
+    model = factory()
+    g = torch.Generator().manual_seed(0)
+    batch = batch_fn(g)
+    loss = lambda: model(**batch).loss  # noqa: E731
+    full = plan_for_budget(model, adamw, loss, 10**12, candidates=[Candidate(0.0)])
+    seen = set()
+    for frac in (1.2, 0.75, 0.55, 0.4):
+        budget = int(full.expected_total * frac)
+        try:
+            plan = plan_for_budget(model, adamw, loss, budget)
+        except BudgetError:
+            continue
+        seen.add(plan.candidate)
+        assert plan.expected_total <= budget
+        model_copy = factory()
+        model_copy.load_state_dict(model.state_dict())
+        # enough steps for every unit to be trained once (steady-state optimizer
+        # state): 22 units, at r=0.95 two are trained per step
+        totals = run_plan(model_copy, plan, batch_fn, steps=13)
+        assert max(totals) <= budget, (plan.describe(), max(totals), budget)
+    assert len(seen) >= 3, seen  # several budgets, several different plans
+
+
+def test_planner_restores_the_weights():
+    model = medium_bert()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = CASES["bert"][1](torch.Generator().manual_seed(0))
+    plan_for_budget(model, adamw, lambda: model(**batch).loss, "10GiB")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+
+
+def test_budget_below_any_plan_is_a_clear_error():
+    model = medium_bert()
+    batch = CASES["bert"][1](torch.Generator().manual_seed(0))
+    with pytest.raises(BudgetError, match="no SlimFit configuration fits a budget of 1.00 MiB: "
+                                          "the smallest expected peak is"):
+        plan_for_budget(model, adamw, lambda: model(**batch).loss, "1MiB")
+
+
+@pytest.mark.parametrize("text,expected", [("12GiB", 12 * 2**30), ("800 MiB", 800 * 2**20),
+                                           ("16GB", 16 * 10**9), ("1.5G", 1_500_000_000),
+                                           (4096, 4096)])
+def test_parse_budget(text, expected):
+    assert parse_budget(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["twelve gigs", "12 parsecs", "-3GiB", "0", True, ""])
+def test_bad_budgets(bad):
+    with pytest.raises(BudgetError):
+        parse_budget(bad)
+
+
+def test_slimfit_callback_with_memory_budget(tmp_path):
+    from conftest import lit_module, token_loader, trainer
+    from slimfit.callbacks import MemoryMonitor, SlimFit
+
+    lit = lit_module(lr=1e-2)
+    x, y = next(iter(token_loader(n=64, batch_size=8)))
+    full = plan_for_budget(lit, adamw, lambda: lit.model(input_ids=x, labels=y).loss, "1TiB")
+    budget = int(full.expected_total * 0.6)
+    sf, mon = SlimFit(memory_budget=budget), MemoryMonitor(every_n_steps=1)
+    trainer(tmp_path, max_steps=14, callbacks=[sf, mon]).fit(lit, token_loader(n=128, batch_size=8))
+    assert sf.plan is not None and sf.plan.candidate.freeze_rate > 0
+    assert sf.plan.expected_total <= budget
+    assert max(r.total for _, r in mon.history) <= budget
