@@ -26,9 +26,9 @@ from typing import Any, Sequence
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
+from slimfit.callbacks.checks import check_strategy, loss_of
 from slimfit.compress import ActivationCompressor, CompressionConfig
 from slimfit.config import SlimFitConfig
 from slimfit.errors import UnsupportedSetupError
@@ -38,34 +38,6 @@ from slimfit.planner import Plan, build_plan, optimizer_like, parse_budget, plan
 from slimfit.selection import Pattern
 
 __all__ = ["SlimFit"]
-
-_SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAStrategy",
-            "SingleDeviceXLAStrategy")
-
-
-def check_strategy(strategy: Any) -> None:
-    """Raise :class:`UnsupportedSetupError` unless per-step freezing is correct under it."""
-    name = type(strategy).__name__
-    if name in _SHARDED or not isinstance(strategy, (DDPStrategy, SingleDeviceStrategy)):
-        raise UnsupportedSetupError(
-            f"SlimFit does not support strategy {name}: sharded strategies fix the trainable set "
-            "at initialisation (DeepSpeed) or need uniform requires_grad per unit (FSDP), so "
-            "per-step freezing would fail or save nothing. Use a single device or "
-            "strategy='ddp_find_unused_parameters_true'.")
-    if isinstance(strategy, DDPStrategy):
-        kw = getattr(strategy, "_ddp_kwargs", {})
-        if not kw.get("find_unused_parameters", False):
-            raise UnsupportedSetupError(
-                "SlimFit under DDP needs find_unused_parameters=True (frozen layers produce no "
-                "gradient, and DDP otherwise fails with 'Expected to have finished reduction'). "
-                "Use Trainer(strategy='ddp_find_unused_parameters_true') (or "
-                "'ddp_spawn_find_unused_parameters_true'), or "
-                "DDPStrategy(find_unused_parameters=True).")
-        if kw.get("static_graph", False):
-            raise UnsupportedSetupError(
-                "SlimFit changes the trainable set every step, which DDP's static_graph=True "
-                "forbids ('training graph has changed'). Remove static_graph=True from DDPStrategy.")
-
 
 class SlimFit(pl.Callback):
     """Freeze the least-moving ``freeze_rate`` of the weight tensors every optimizer step.
@@ -194,7 +166,7 @@ class SlimFit(pl.Callback):
         options = self.config.selection_kwargs() | {"max_frozen_age": self.config.max_frozen_age,
                                                     "lr_normalized": self.config.lr_normalized}
         plan = plan_for_budget(
-            pl_module, optimizer_like(opt), lambda: _loss_of(pl_module.training_step(batch, batch_idx)), self.memory_budget,
+            pl_module, optimizer_like(opt), lambda: loss_of(pl_module.training_step(batch, batch_idx)), self.memory_budget,
             seed=self.config.seed, compression=self.compression, **options)
         self.plan = trainer.strategy.broadcast(plan, src=0) if trainer.world_size > 1 else plan
         rank_zero_info(self.plan.describe())
@@ -291,7 +263,3 @@ class SlimFit(pl.Callback):
         else:
             self.freezer.load_state_dict(state_dict)
 
-
-def _loss_of(out: Any):
-    """The loss a ``training_step`` returned (a tensor or a dict with ``loss``)."""
-    return out["loss"] if isinstance(out, dict) else out

@@ -53,8 +53,8 @@ def run_arm(args, arm, batch_sizes, comp_cfg):
         train_step(case, opt, freezer)  # warm-up at this shape
         t = timed_steps(case, opt, freezer, args.timed_steps)
         out[bs] = (train_step(case, opt, freezer, measure=True), t)
-        print(f"  {arm:17s} batch {bs:4d}: total {format_bytes(rep.total):>11s}, activations "
-              f"{format_bytes(rep.activations):>11s}, step {out[bs][1]:.2f} s", flush=True)
+        print(f"  {arm:17s} batch {bs:4d}: total {format_bytes(out[bs][0].total):>11s}, activations "
+              f"{format_bytes(out[bs][0].activations):>11s}, step {out[bs][1]:.2f} s", flush=True)
     desc = case.describe.rsplit(", batch", 1)[0]
     if comp is not None:
         comp.remove()

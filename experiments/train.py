@@ -86,8 +86,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     results = {
         "task": cfg.data.task, "model": _choice("model", cfg.model._target_),
         "method": meta["method"], "seed": int(cfg.seed),
-        "freeze_rate": float(slimfit.config.freeze_rate) if slimfit else 0.0,
-        "compression": bool(slimfit and slimfit.compression is not None),
+        "freeze_rate": float(slimfit.freezer.config.freeze_rate) if slimfit else 0.0,
+        "compression": bool(slimfit and (slimfit.plan.candidate.compression if slimfit.plan
+                                         else slimfit.compression is not None)),
         "steps": int(trainer.global_step), "batch_size": int(cfg.data.batch_size),
         "train_size": len(datamodule.splits.train_y), "val_size": len(datamodule.splits.val_y),
         "val_acc": task.last_val_acc,
@@ -95,6 +96,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "memory": ({k.split("/")[-1]: v for k, v in report.scalars().items()} if report else None),
         "memory_files": {k: str(v) for k, v in (mon.files.items() if mon else [])},
         "heatmap": str(slimfit.files["heatmap"]) if slimfit and slimfit.files else None,
+        "plan": slimfit.plan.describe() if slimfit and slimfit.plan else None,
     }
     out = pathlib.Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

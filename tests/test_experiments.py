@@ -35,3 +35,9 @@ def test_memory_report_rejects_bad_arguments(tmp_path):
     out = subprocess.run([sys.executable, str(EXP / "memory_report.py"), "--model", "gpt9"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "invalid choice: 'gpt9'" in out.stderr
+
+
+def test_compression_benchmark_smoke(tmp_path):
+    out = run(["-m", "slimfit.experiments.bench_compression", "--model", "minilm", "--batch-sizes",
+               "2", "4", "--seq-len", "16", "--timed-steps", "1", "--extrapolate", "8"], tmp_path)
+    assert "| 4 | slimfit+compress |" in out and "Extrapolation to batch 8" in out

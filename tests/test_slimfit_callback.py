@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
 from slimfit.callbacks import SlimFit
-from slimfit.callbacks.slimfit import check_strategy
+from slimfit.callbacks.checks import check_strategy
 from slimfit.errors import CheckpointMismatchError, SelectionError, SlimFitError, UnsupportedSetupError
 
 from conftest import lit_module, tiny_bert, token_loader, trainer
