@@ -165,15 +165,19 @@ class SlimFit(pl.Callback):
         opt = trainer.optimizers[0]
         options = self.config.selection_kwargs() | {"max_frozen_age": self.config.max_frozen_age,
                                                     "lr_normalized": self.config.lr_normalized}
-        plan = plan_for_budget(
-            pl_module, optimizer_like(opt), lambda: loss_of(pl_module.training_step(batch, batch_idx)), self.memory_budget,
-            seed=self.config.seed, compression=self.compression, **options)
+        plan = plan_for_budget(pl_module, optimizer_like(opt),
+                               lambda: loss_of(pl_module.training_step(batch, batch_idx)),
+                               self.memory_budget, seed=self.config.seed,
+                               compression=self.compression, **options)
         self.plan = trainer.strategy.broadcast(plan, src=0) if trainer.world_size > 1 else plan
         rank_zero_info(self.plan.describe())
         if self.compressor is not None:
             self.compressor.remove()
+        resumed = self.freezer.state_dict() if len(self.freezer.history) else None
         self.freezer, self.compressor, self.offloader = build_plan(
             self.plan, pl_module, opt, self.compression, seed=self.config.seed, **options)
+        if resumed is not None:  # scores, ages and history survive re-planning after a resume
+            self.freezer.load_state_dict(resumed)
         self.offload_activations = self.plan.candidate.offload_activations
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):

@@ -251,58 +251,46 @@ class _Scope:
 
     def pack(self, t: torch.Tensor) -> Any:
         c = self.compressor
-        key_storage = _storage_ptr(t)
-        if key_storage in c._param_storages or t.numel() < c.config.min_numel:
+        storage = _storage_ptr(t)
+        if storage in c._param_storages or t.numel() < c.config.min_numel:
             return ("raw", self._out(t))
-        if t.dtype == torch.bool:
-            if not c.config.dropout_mask:
-                return ("raw", self._out(t))
-            cache_key = (key_storage, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t._version)
-            hit = self._cache.get(cache_key, (None,))[0]
-            if hit is None:
-                packed, shape = pack_bool(t)
-                hit = _Packed("bool", shape, [self._out(packed)])
-                self._cache[cache_key] = (hit, t)
-            c.stats[self.kind] += t.numel() * t.element_size()
-            return hit
-        if (c.config.dropout_mask and self.kind in ("attention", "dropout_mask")
-                and t.is_floating_point() and not t.requires_grad):
-            hit = self._pack_float_mask(t, key_storage)
-            if hit is not None:
-                return hit
-        tr = self.treatment
-        if tr is None or tr.method == "none" or not t.is_floating_point():
-            return ("raw", self._out(t))
-        cache_key = (key_storage, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t._version)
-        hit = self._cache.get(cache_key, (None,))[0]
+        key = (storage, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t._version)
+        hit = self._cache.get(key, (None,))[0]
         if hit is None:
-            x = t.detach()
-            if tr.method == "topk":
-                z = topk_prune(x, tr.topk_fraction)
-                hit = _Packed("topk", z, [self._out(p) for p in z.tensors()])
-            else:
-                q = quantize(x, bits=tr.bits, group_size=tr.group_size, stochastic=tr.stochastic)
-                hit = _Packed("q", q, [self._out(p) for p in q.tensors()])
-            self._cache[cache_key] = (hit, t)
-        c.stats[self.kind] += t.numel() * t.element_size()
+            hit = self._compress(t)
+            if hit is None:
+                return ("raw", self._out(t))
+            self._cache[key] = (hit, t)
         return hit
 
-    def _pack_float_mask(self, t: torch.Tensor, key_storage: Any) -> "_Packed | None":
-        """Dropout on CPU saves its mask as floats {0, 1/(1-p)}: store it as bits
-        plus the one scale, if (and only if) that is lossless. Costs one
-        reduction and one host sync per candidate (tensors that need no grad)."""
-        cache_key = (key_storage, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t._version)
-        hit = self._cache.get(cache_key, (None,))[0]
-        if hit is not None:
-            return hit
-        scale = t.amax()
-        if not bool(((t == 0) | (t == scale)).all()):
+    def _compress(self, t: torch.Tensor) -> "_Packed | None":
+        """The stored form of ``t`` under this scope's rule, or None to keep it."""
+        cfg = self.compressor.config
+        if t.dtype == torch.bool:
+            if not cfg.dropout_mask:
+                return None
+            packed, shape = pack_bool(t)
+            return _Packed("bool", shape, [self._out(packed)])
+        if not t.is_floating_point():
             return None
-        packed, shape = pack_bool(t != 0)
-        hit = _Packed("mask", (shape, t.dtype), [self._out(packed), self._out(scale.reshape(1))])
-        self._cache[cache_key] = (hit, t)
-        self.compressor.stats[self.kind] += t.numel() * t.element_size()
-        return hit
+        if cfg.dropout_mask and self.kind in ("attention", "dropout_mask") and not t.requires_grad:
+            # Dropout on CPU saves its mask as floats {0, 1/(1-p)}: bits plus the
+            # one scale if (and only if) that is lossless. One reduction and one
+            # host sync per candidate (a saved tensor that needs no grad).
+            scale = t.amax()
+            if bool(((t == 0) | (t == scale)).all()):
+                packed, shape = pack_bool(t != 0)
+                return _Packed("mask", (shape, t.dtype),
+                               [self._out(packed), self._out(scale.reshape(1))])
+        tr = self.treatment
+        if tr is None or tr.method == "none":
+            return None
+        x = t.detach()
+        if tr.method == "topk":
+            z = topk_prune(x, tr.topk_fraction)
+            return _Packed("topk", z, [self._out(p) for p in z.tensors()])
+        q = quantize(x, bits=tr.bits, group_size=tr.group_size, stochastic=tr.stochastic)
+        return _Packed("q", q, [self._out(p) for p in q.tensors()])
 
     def unpack(self, obj: Any) -> torch.Tensor:
         if isinstance(obj, tuple):
@@ -362,7 +350,6 @@ class ActivationCompressor:
                 "the uncompiled model, or disable compression (compression=None) under torch.compile.")
         self.model = model
         self.config = config or CompressionConfig()
-        self.stats: dict[str, int] = {k: 0 for k in KINDS}
         self.skipped: dict[str, str] = {}
         self._handles: list[Any] = []
         self._param_storages: set = set()
