@@ -100,23 +100,36 @@ def make_optimizer(name: str, model: nn.Module, lr: float = 2e-5) -> torch.optim
     raise ValueError(f"unknown optimizer {name!r}; choose adamw, sgd or adamw8bit")
 
 
-def train_step(case: Case, optimizer: torch.optim.Optimizer, freezer=None, measure: bool = False):
+def train_step(case: Case, optimizer: torch.optim.Optimizer, freezer=None, measure: bool = False,
+               offloader=None, offload_activations: bool = False):
     """One optimizer step of ``case``, with SlimFit freezing when ``freezer``
-    (a :class:`slimfit.freezer.LayerFreezer`) is given; with ``measure`` the
-    step runs under the ledger and its :class:`MemoryReport` is returned."""
+    (a :class:`slimfit.freezer.LayerFreezer`) is given, optimizer-state offload
+    with ``offloader`` and saved activations in host memory with
+    ``offload_activations``; with ``measure`` the step runs under the ledger
+    and its :class:`MemoryReport` is returned."""
+    import contextlib
+
     from slimfit.ledger import measure_step
+    from slimfit.offload import activation_offload
 
     if freezer is not None:
-        freezer.apply(freezer.decide())
+        frozen = freezer.decide()
+        freezer.apply(frozen)
+        if offloader is not None:
+            offloader.sync(frozen)
 
     def fwd_bwd():
-        case.loss().backward()
+        with activation_offload() if offload_activations else contextlib.nullcontext():
+            case.loss().backward()
+        if offloader is not None:
+            offloader.before_optimizer_step()
         if freezer is not None:
             freezer.before_optimizer_step(optimizer)
 
     report = None
     if measure:
-        report = measure_step(case.model, optimizer, fwd_bwd)
+        report = measure_step(case.model, optimizer, fwd_bwd,
+                              offloader.host_storage_keys() if offloader is not None else None)
     else:
         optimizer.zero_grad(set_to_none=True)
         fwd_bwd()

@@ -28,43 +28,18 @@ import time
 import torch
 
 from slimfit.compress import ActivationCompressor
-from slimfit.experiments.bench_cases import build_case, make_optimizer
+from slimfit.experiments.bench_cases import build_case, make_optimizer, train_step
 from slimfit.freezer import LayerFreezer
-from slimfit.ledger import format_bytes, measure_step
-from slimfit.offload import OptimizerStateOffloader, activation_offload
+from slimfit.ledger import format_bytes
+from slimfit.offload import OptimizerStateOffloader
 from slimfit.planner import BudgetError, build_plan, optimizer_like, plan_for_budget
 
 ARMS = ("full", "slimfit", "slimfit+8bit", "slimfit+offload", "planner")
 
 
 def _step(case, opt, freezer, off, act_off, measure=False):
-    if freezer is not None:
-        fz = freezer.decide()
-        freezer.apply(fz)
-        if off is not None:
-            off.sync(fz)
-
-    def fb():
-        if act_off:
-            with activation_offload():
-                case.loss().backward()
-        else:
-            case.loss().backward()
-        if off is not None:
-            off.before_optimizer_step()
-        if freezer is not None:
-            freezer.before_optimizer_step(opt)
-
-    rep = None
-    if measure:
-        rep = measure_step(case.model, opt, fb, off.host_storage_keys() if off else None)
-    else:
-        opt.zero_grad(set_to_none=True)
-        fb()
-        opt.step()
-    if freezer is not None:
-        freezer.after_optimizer_step()
-    return rep
+    return train_step(case, opt, freezer, measure=measure, offloader=off,
+                      offload_activations=act_off)
 
 
 DEVICE = "cuda"

@@ -27,7 +27,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import weakref
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch

@@ -1,7 +1,6 @@
 """Static-activation compression: gradient fidelity on every model family,
 real memory savings on the ledger, and clear refusals."""
 
-import warnings
 
 import pytest
 import torch

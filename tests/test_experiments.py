@@ -4,7 +4,6 @@ import pathlib
 import subprocess
 import sys
 
-import pytest
 
 EXP = pathlib.Path(__file__).resolve().parents[1] / "experiments"
 

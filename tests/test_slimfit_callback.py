@@ -15,7 +15,7 @@ from slimfit.callbacks import SlimFit
 from slimfit.callbacks.checks import check_strategy
 from slimfit.errors import CheckpointMismatchError, SelectionError, SlimFitError, UnsupportedSetupError
 
-from conftest import lit_module, tiny_bert, token_loader, trainer
+from conftest import lit_module, token_loader, trainer
 
 
 class StepSpy(pl.Callback):
