@@ -317,11 +317,12 @@ def count_optimizer_state(model: nn.Module,
     per: dict[str, int] = {}
     total = host = 0
     for p, st in (item for opt in optimizers for item in opt.state.items()):
-        tensors = list(_state_tensors(st))
-        away = [t for t in tensors if t.numel() > 1 and
-                (t.device != p.device or storage_key(t)[0] in offloaded)]
+        resident, away = [], []
+        for t in _state_tensors(st):
+            in_host = t.numel() > 1 and (t.device != p.device or storage_key(t)[0] in offloaded)
+            (away if in_host else resident).append(t)
         host += _unique_bytes(away, seen)
-        b = _unique_bytes((t for t in tensors if not any(t is a for a in away)), seen)
+        b = _unique_bytes(resident, seen)
         if b:
             name = owners.get(id(p), "(not in model)")
             per[name] = per.get(name, 0) + b
