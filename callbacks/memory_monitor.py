@@ -70,6 +70,9 @@ class MemoryMonitor(pl.Callback):
             self._cuda_box = self._cuda_cm.__enter__()
             self._tracker = SavedTensorTracker(pl_module).__enter__()
             self._grads = None
+            streamer = _streamer(trainer)
+            if streamer is not None:
+                streamer.reset_peak()  # weights on the device: this step's high-water mark
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         if self._tracker is not None:
@@ -83,7 +86,8 @@ class MemoryMonitor(pl.Callback):
                              if hasattr(c, "offloaded_storage_keys")))
         optim = count_optimizer_state(pl_module, trainer.optimizers, host)
         self._cuda_cm.__exit__(None, None, None)
-        report = build_report(pl_module, self._tracker, self._grads, optim, cuda=self._cuda_box[0])
+        report = build_report(pl_module, self._tracker, self._grads, optim, cuda=self._cuda_box[0],
+                              streamer=_streamer(trainer))
         self._reset()
         step = trainer.global_step - 1  # the step just taken
         self.history.append((step, report))
@@ -109,3 +113,8 @@ class MemoryMonitor(pl.Callback):
 
     def on_exception(self, trainer, pl_module, exception):
         self._reset()
+
+
+def _streamer(trainer) -> Any:
+    """The weight streamer of the run (SlimFit's ``stream_weights``), if any."""
+    return next((c.streamer for c in trainer.callbacks if getattr(c, "streamer", None)), None)

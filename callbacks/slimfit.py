@@ -34,10 +34,23 @@ from slimfit.config import SlimFitConfig
 from slimfit.errors import UnsupportedSetupError
 from slimfit.freezer import LayerFreezer
 from slimfit.offload import OptimizerStateOffloader, activation_offload
-from slimfit.planner import Plan, build_plan, optimizer_like, parse_budget, plan_for_budget
+from slimfit.planner import (Plan, build_plan, default_candidates, optimizer_like, parse_budget,
+                             plan_for_budget)
 from slimfit.selection import Pattern
+from slimfit.stream import StreamConfig, WeightStreamer
 
 __all__ = ["SlimFit"]
+
+def _config_option(name: str, value: Any, cls: type) -> Any:
+    """``True``: the defaults of ``cls``; ``False``/``None``: off; else an instance of ``cls``."""
+    if value is True:
+        return cls()
+    if value is False or value is None:
+        return None
+    if not isinstance(value, cls):
+        raise TypeError(f"{name} must be True, False, None or a {cls.__name__}, got {value!r}.")
+    return value
+
 
 class SlimFit(pl.Callback):
     """Freeze the least-moving ``freeze_rate`` of the weight tensors every optimizer step.
@@ -56,6 +69,10 @@ class SlimFit(pl.Callback):
         offload_activations: save tensors for backward in host memory
             (``save_on_cpu``; combined with compression, the compressed bytes
             are what moves).
+        stream_weights: keep the weights of frozen tensors in host memory with
+            only k blocks on the device, prefetching k' ahead (``True`` for
+            k=2, k'=1, or a :class:`slimfit.stream.StreamConfig`); exact.
+            Single process only.
         memory_budget: e.g. ``"12GiB"``: at the first step, calibration steps
             measured by the ledger choose the freezing rate, offload and
             compression that fit (``slimfit.planner``); the other options
@@ -80,6 +97,7 @@ class SlimFit(pl.Callback):
                  max_frozen_age: int | None = None, score_eps: float = 1e-8,
                  lr_normalized: bool = False, compression: CompressionConfig | bool | None = None,
                  offload_optimizer_state: bool = False, offload_activations: bool = False,
+                 stream_weights: StreamConfig | bool | None = None,
                  memory_budget: str | int | None = None,
                  log_every_n_steps: int = 1, output_dir: str | None = None):
         self.config = SlimFitConfig(freeze_rate=freeze_rate, include=include, exclude=exclude,
@@ -89,19 +107,15 @@ class SlimFit(pl.Callback):
         if isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) \
                 or log_every_n_steps < 1:
             raise ValueError(f"log_every_n_steps must be a positive int, got {log_every_n_steps!r}.")
-        if compression is True:
-            compression = CompressionConfig()
-        elif compression is False:
-            compression = None
-        elif compression is not None and not isinstance(compression, CompressionConfig):
-            raise TypeError(f"compression must be True, False, None or a CompressionConfig, "
-                            f"got {compression!r}.")
-        self.compression = compression
+        self.compression = _config_option("compression", compression, CompressionConfig)
         for name, v in (("offload_optimizer_state", offload_optimizer_state),
                         ("offload_activations", offload_activations)):
             if not isinstance(v, bool):
                 raise TypeError(f"{name} must be a bool, got {v!r}.")
-        if (offload_optimizer_state or offload_activations) and not torch.cuda.is_available():
+        self.stream_config = _config_option("stream_weights", stream_weights, StreamConfig)
+        self.streamer: WeightStreamer | None = None
+        if (offload_optimizer_state or offload_activations or self.stream_config) \
+                and not torch.cuda.is_available():
             warnings.warn("SlimFit offload requested but no CUDA device is available: host and "
                           "device memory are the same here, so offloading saves nothing (the "
                           "bookkeeping still runs).", UserWarning, stacklevel=2)
@@ -153,6 +167,8 @@ class SlimFit(pl.Callback):
         if self.offload_optimizer_state:
             self.offloader = OptimizerStateOffloader(trainer.optimizers[0],
                                                      [u.params for u in self.freezer.units])
+        if self.stream_config is not None:
+            self._start_streaming(trainer, pl_module, self.stream_config)
         frozen = [u.name for u in self.freezer.units if not all(p.requires_grad for p in u.params)]
         if frozen:  # DDP registered only trainable tensors when it wrapped the model
             raise UnsupportedSetupError(
@@ -160,22 +176,38 @@ class SlimFit(pl.Callback):
                 "model; under DDP they would train unsynchronised. Do not freeze parameters "
                 "between setup and fit start, or exclude them from SlimFit.")
 
+    def _start_streaming(self, trainer, pl_module, config: StreamConfig) -> None:
+        if trainer.world_size > 1:
+            raise UnsupportedSetupError(
+                f"SlimFit weight streaming runs in one process; this run has "
+                f"{trainer.world_size}. Under DDP each rank holds its own weights and the "
+                "strategy reads them outside forward: drop stream_weights, or use "
+                "offload_optimizer_state / compression, which work with DDP.")
+        self.streamer = WeightStreamer(pl_module, config).install()
+        rank_zero_info("SlimFit " + self.streamer.describe())
+
     # -- per step ---------------------------------------------------------------
     def _make_plan(self, trainer, pl_module, batch, batch_idx) -> None:
         opt = trainer.optimizers[0]
         options = self.config.selection_kwargs() | {"max_frozen_age": self.config.max_frozen_age,
                                                     "lr_normalized": self.config.lr_normalized}
+        for part in (self.compressor, self.streamer):  # calibration installs its own
+            if part is not None:
+                part.remove()
+        self.compressor = self.streamer = None
         plan = plan_for_budget(pl_module, optimizer_like(opt),
                                lambda: loss_of(pl_module.training_step(batch, batch_idx)),
                                self.memory_budget, seed=self.config.seed,
-                               compression=self.compression, **options)
+                               compression=self.compression,
+                               candidates=default_candidates(stream=trainer.world_size == 1),
+                               **options)
         self.plan = trainer.strategy.broadcast(plan, src=0) if trainer.world_size > 1 else plan
         rank_zero_info(self.plan.describe())
-        if self.compressor is not None:
-            self.compressor.remove()
         resumed = self.freezer.state_dict() if len(self.freezer.history) else None
-        self.freezer, self.compressor, self.offloader = build_plan(
+        self.freezer, self.compressor, self.offloader, stream = build_plan(
             self.plan, pl_module, opt, self.compression, seed=self.config.seed, **options)
+        if stream is not None:
+            self._start_streaming(trainer, pl_module, stream)
         if resumed is not None:  # scores, ages and history survive re-planning after a resume
             self.freezer.load_state_dict(resumed)
         self.offload_activations = self.plan.candidate.offload_activations
@@ -191,6 +223,8 @@ class SlimFit(pl.Callback):
         self.freezer.apply(frozen)
         if self.offloader is not None:
             self.offloader.sync(frozen)  # state of frozen units to host, trained ones back
+        if self.streamer is not None:
+            self.streamer.sync()  # weights frozen from this step on may leave the device
         if self.offload_activations:
             self._act_offload = activation_offload()
             self._act_offload.__enter__()
@@ -225,6 +259,9 @@ class SlimFit(pl.Callback):
     # -- end of training ------------------------------------------------------------
     def _release(self) -> None:
         self._end_activation_offload()
+        if self.streamer is not None:
+            self.streamer.remove()  # every weight back on the device for good
+            self.streamer = None
         if self.offloader is not None:
             self.offloader.restore_all()
         if self.freezer is not None:

@@ -101,12 +101,13 @@ def make_optimizer(name: str, model: nn.Module, lr: float = 2e-5) -> torch.optim
 
 
 def train_step(case: Case, optimizer: torch.optim.Optimizer, freezer=None, measure: bool = False,
-               offloader=None, offload_activations: bool = False):
+               offloader=None, offload_activations: bool = False, streamer=None):
     """One optimizer step of ``case``, with SlimFit freezing when ``freezer``
     (a :class:`slimfit.freezer.LayerFreezer`) is given, optimizer-state offload
-    with ``offloader`` and saved activations in host memory with
-    ``offload_activations``; with ``measure`` the step runs under the ledger
-    and its :class:`MemoryReport` is returned."""
+    with ``offloader``, saved activations in host memory with
+    ``offload_activations`` and frozen weights streamed by ``streamer`` (an
+    installed :class:`slimfit.stream.WeightStreamer`); with ``measure`` the
+    step runs under the ledger and its :class:`MemoryReport` is returned."""
     import contextlib
 
     from slimfit.ledger import measure_step
@@ -117,6 +118,8 @@ def train_step(case: Case, optimizer: torch.optim.Optimizer, freezer=None, measu
         freezer.apply(frozen)
         if offloader is not None:
             offloader.sync(frozen)
+        if streamer is not None:
+            streamer.sync()
 
     def fwd_bwd():
         with activation_offload() if offload_activations else contextlib.nullcontext():
@@ -129,7 +132,8 @@ def train_step(case: Case, optimizer: torch.optim.Optimizer, freezer=None, measu
     report = None
     if measure:
         report = measure_step(case.model, optimizer, fwd_bwd,
-                              offloader.host_storage_keys() if offloader is not None else None)
+                              offloader.host_storage_keys() if offloader is not None else None,
+                              streamer=streamer)
     else:
         optimizer.zero_grad(set_to_none=True)
         fwd_bwd()

@@ -6,6 +6,9 @@ ViT-B/16 (224 px) at batch 32 and 128, for
 * SlimFit r=0.9 + static-activation compression,
 * the same with bitsandbytes AdamW8bit,
 * the same with optimizer-state offload of frozen units and activation offload,
+* the same plus Superpipeline-style weight streaming of frozen weights
+  (k=2 blocks resident, k'=1 prefetched on a side stream; the prefetch hit
+  rate and late copies are printed),
 * the budget planner at ``--budget-fraction`` of full fine-tuning's peak,
 
 with ratios against full fine-tuning, and the ledger total beside the
@@ -33,13 +36,14 @@ from slimfit.freezer import LayerFreezer
 from slimfit.ledger import format_bytes
 from slimfit.offload import OptimizerStateOffloader
 from slimfit.planner import BudgetError, build_plan, optimizer_like, plan_for_budget
+from slimfit.stream import StreamConfig, WeightStreamer
 
-ARMS = ("full", "slimfit", "slimfit+8bit", "slimfit+offload", "planner")
+ARMS = ("full", "slimfit", "slimfit+8bit", "slimfit+offload", "slimfit+stream", "planner")
 
 
-def _step(case, opt, freezer, off, act_off, measure=False):
+def _step(case, opt, freezer, off, act_off, measure=False, streamer=None):
     return train_step(case, opt, freezer, measure=measure, offloader=off,
-                      offload_activations=act_off)
+                      offload_activations=act_off, streamer=streamer)
 
 
 DEVICE = "cuda"
@@ -58,44 +62,59 @@ def _sync():
 def run_arm(args, model_name, bs, arm, full_peak):
     case = build_case(model_name, 2, device=DEVICE)
     opt = make_optimizer("adamw8bit" if arm == "slimfit+8bit" else "adamw", case.model)
-    freezer = comp = off = None
+    freezer = comp = off = streamer = None
     act_off = False
     plan_txt = ""
-    if arm in ("slimfit", "slimfit+8bit", "slimfit+offload"):
+    if arm in ("slimfit", "slimfit+8bit", "slimfit+offload", "slimfit+stream"):
         freezer = LayerFreezer(case.model, freeze_rate=0.9)
         comp = ActivationCompressor(case.model).install()
-        if arm == "slimfit+offload":
+        if arm in ("slimfit+offload", "slimfit+stream"):
             off = OptimizerStateOffloader(opt, [u.params for u in freezer.units])
             act_off = True
+        if arm == "slimfit+stream":
+            streamer = WeightStreamer(case.model, StreamConfig(resident=2, prefetch=1)).install()
     elif arm == "planner":
         small = case.batch
         case.batch = cuda_batch(model_name, bs)
         budget = int(full_peak * args.budget_fraction)
         plan = plan_for_budget(case.model, optimizer_like(opt), case.loss, budget)
         plan_txt = plan.describe()
-        freezer, comp, off = build_plan(plan, case.model, opt)
+        freezer, comp, off, stream = build_plan(plan, case.model, opt)
+        if stream is not None:
+            streamer = WeightStreamer(case.model, stream).install()
         act_off = plan.candidate.offload_activations
         case.batch = small
+    step = lambda measure=False: _step(case, opt, freezer, off, act_off, measure, streamer)  # noqa: E731
     while freezer is not None and not freezer.scheduler.initial_pass_done:
-        _step(case, opt, freezer, off, act_off)
+        step()
     if freezer is None:
-        _step(case, opt, None, None, False)
+        step()
     case.batch = cuda_batch(model_name, bs)
-    _step(case, opt, freezer, off, act_off)  # warm-up at this shape
+    step()  # warm-up at this shape
     _sync()
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    if streamer is not None:
+        streamer.stats = dict.fromkeys(streamer.stats, 0)  # count the timed steps only
     t0 = time.perf_counter()
     for _ in range(args.steps):
-        _step(case, opt, freezer, off, act_off)
+        step()
     _sync()
     dt = (time.perf_counter() - t0) / args.steps
-    rep = _step(case, opt, freezer, off, act_off, measure=True)
+    if streamer is not None:
+        st = streamer.stats
+        plan_txt = (plan_txt + "\n" if plan_txt else "") + (
+            f"streaming: {st['hits']} prefetched uses, {st['late']} of them still copying, "
+            f"{st['on_demand']} on demand; {format_bytes(st['bytes_in'] / args.steps)} in and "
+            f"{format_bytes(st['bytes_out'] / args.steps)} written back per step")
+    rep = step(measure=True)
     # --device cpu (a smoke test of this script): the ledger stands in for the allocator
     peak = torch.cuda.max_memory_allocated() if DEVICE == "cuda" else rep.total
+    if streamer is not None:
+        streamer.remove()
     if comp is not None:
         comp.remove()
-    del case, opt, freezer, comp, off
+    del case, opt, freezer, comp, off, streamer
     gc.collect()
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
@@ -133,6 +152,7 @@ def main(argv=None):
                 except BudgetError as e:  # the planner's own refusal, reported as such
                     print(f"  {model_name} b{bs} planner: {e}")
                     rows[arm] = None
+                    continue
                 r = rows[arm]
                 print(f"  {model_name} b{bs} {arm}: " + (
                     f"peak {format_bytes(r[0])}, step {r[1]:.3f} s, ledger {format_bytes(r[2].total)}"

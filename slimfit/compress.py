@@ -310,8 +310,12 @@ class _Scope:
 
 
 def _storage_ptr(t: torch.Tensor) -> Any:
+    # The StorageImpl's identity, not its data pointer: weight streaming
+    # (slimfit.stream) resizes a weight's storage in place, which changes the
+    # pointer but not the storage, and a streamed weight must still be known
+    # as a parameter (never quantized).
     try:
-        return (t.device, t.untyped_storage().data_ptr())
+        return t.untyped_storage()._cdata
     except (RuntimeError, NotImplementedError):
         return ("id", id(t))
 

@@ -81,6 +81,14 @@ def storage_key(t: torch.Tensor) -> tuple[Any, int, int]:
         return ("id", id(t)), t.numel() * t.element_size()
 
 
+def _storage_identity(t: torch.Tensor) -> Any:
+    """The StorageImpl a tensor views (stable while that storage lives, even if resized)."""
+    try:
+        return t.untyped_storage()._cdata
+    except (RuntimeError, NotImplementedError, TypeError):
+        return ("id", id(t))
+
+
 @dataclasses.dataclass
 class ModuleBytes:
     """Bytes owned by one module (its direct parameters, not its children's)."""
@@ -123,6 +131,8 @@ class MemoryReport:
     cuda: CudaPeak | None = None
     #: optimizer state held in host memory (offloaded); not part of ``total``
     offloaded_optimizer_state: int = 0
+    #: host master copies of streamed weights (``slimfit.stream``); not part of ``total``
+    offloaded_parameters: int = 0
 
     @property
     def total(self) -> int:
@@ -135,6 +145,8 @@ class MemoryReport:
         out[f"{prefix}total"] = float(self.total)
         if self.offloaded_optimizer_state:
             out[f"{prefix}offloaded_optimizer_state"] = float(self.offloaded_optimizer_state)
+        if self.offloaded_parameters:
+            out[f"{prefix}offloaded_parameters"] = float(self.offloaded_parameters)
         if self.cuda is not None:
             out[f"{prefix}cuda_max_allocated"] = float(self.cuda.max_allocated)
             out[f"{prefix}cuda_max_reserved"] = float(self.cuda.max_reserved)
@@ -165,6 +177,8 @@ class MemoryReport:
         if self.offloaded_optimizer_state:
             rows.append(("optimizer state in host memory (not in total)",
                          self.offloaded_optimizer_state))
+        if self.offloaded_parameters:
+            rows.append(("streamed weights' host copies (not in total)", self.offloaded_parameters))
         if self.cuda is not None:
             rows += [("cuda max_memory_allocated", self.cuda.max_allocated),
                      ("cuda reserved peak", self.cuda.max_reserved)]
@@ -392,8 +406,11 @@ class SavedTensorTracker:
             raise LedgerError("SavedTensorTracker is already active; it cannot be nested.")
         # Parameters and buffers are counted elsewhere; a Linear's saved
         # weight.t() is a view of the parameter's storage and maps to it here.
-        self._excluded = {storage_key(t)[0] for t in self.model.parameters()}
-        self._excluded |= {storage_key(t)[0] for t in self.model.buffers()}
+        # By StorageImpl identity, not address: a streamed weight's storage is
+        # resized in place (slimfit.stream), and an activation may be allocated
+        # at the address it just freed.
+        self._excluded = {_storage_identity(t) for t in self.model.parameters()}
+        self._excluded |= {_storage_identity(t) for t in self.model.buffers()}
         for name, mod in _module_names(self.model):
             self._handles.append(mod.register_forward_pre_hook(self._make_pre(name)))
             self._handles.append(mod.register_forward_hook(self._post, always_call=True))
@@ -427,9 +444,9 @@ class SavedTensorTracker:
 
     # -- saved tensor hooks -------------------------------------------------
     def _pack(self, t: torch.Tensor) -> Any:
-        key, nbytes = storage_key(t)
-        if key in self._excluded:
+        if _storage_identity(t) in self._excluded:
             return t
+        key, nbytes = storage_key(t)
         n = self._refs.get(key, 0)
         self._refs[key] = n + 1
         if n == 0:
@@ -503,10 +520,21 @@ def cuda_peak(model: nn.Module) -> Iterator[list[CudaPeak | None]]:
 
 def build_report(model: nn.Module, tracker: SavedTensorTracker,
                  grads: tuple[int, dict[str, int]], optim: tuple[int, dict[str, int], int],
-                 cuda: CudaPeak | None = None) -> MemoryReport:
-    """Assemble a :class:`MemoryReport` from the pieces a step produced."""
+                 cuda: CudaPeak | None = None, streamer: Any = None) -> MemoryReport:
+    """Assemble a :class:`MemoryReport` from the pieces a step produced.
+
+    With a :class:`slimfit.stream.WeightStreamer`, ``parameters`` is the peak of
+    weights on the device during the step (resident weights plus the streamed
+    ones at their high-water mark, since ``streamer.reset_peak()``); the
+    per-module split shows the weights resident at the end of the step.
+    """
     tracker.finalize()
     p_total, b_total, p_per = count_parameters(model)
+    host_params = 0
+    if streamer is not None and streamer.installed:
+        # count_parameters saw the streamed weights resident now; swap in their peak
+        p_total += streamer.peak_resident_bytes - streamer.resident_bytes
+        host_params = streamer.host_bytes()
     per: dict[str, ModuleBytes] = {}
     for name, _ in _module_names(model):
         mb = ModuleBytes(parameters=p_per.get(name, 0), gradients=grads[1].get(name, 0),
@@ -519,11 +547,12 @@ def build_report(model: nn.Module, tracker: SavedTensorTracker,
             per[name] = ModuleBytes(optimizer_state=b)
     return MemoryReport(parameters=p_total, gradients=grads[0], optimizer_state=optim[0],
                         activations=tracker.peak, buffers=b_total, per_module=per, cuda=cuda,
-                        offloaded_optimizer_state=optim[2])
+                        offloaded_optimizer_state=optim[2], offloaded_parameters=host_params)
 
 
 def measure_step(model: nn.Module, optimizer: torch.optim.Optimizer,
-                 step_fn: Callable[[], Any], offloaded: set | None = None) -> MemoryReport:
+                 step_fn: Callable[[], Any], offloaded: set | None = None,
+                 streamer: Any = None) -> MemoryReport:
     """Run one real training step and count its memory.
 
     The ledger clears gradients (``set_to_none``), runs ``step_fn`` (which must
@@ -538,6 +567,9 @@ def measure_step(model: nn.Module, optimizer: torch.optim.Optimizer,
         step_fn: zero-argument callable doing forward + backward.
         offloaded: storage keys of optimizer state kept in host memory (from
             ``OptimizerStateOffloader.host_storage_keys()``), reported apart.
+        streamer: the :class:`slimfit.stream.WeightStreamer` of the model, if
+            weights are streamed: parameters are then counted at their peak
+            on the device during the step, their host copies apart.
 
     Returns:
         The :class:`MemoryReport` of that step.
@@ -556,6 +588,8 @@ def measure_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     count_parameters(model)  # raises on a parameter-free model
     check_optimizer_owns(model, optimizer)
     optimizer.zero_grad(set_to_none=True)
+    if streamer is not None and streamer.installed:
+        streamer.reset_peak()
     with cuda_peak(model) as box:
         with SavedTensorTracker(model) as tracker:
             step_fn()
@@ -568,4 +602,4 @@ def measure_step(model: nn.Module, optimizer: torch.optim.Optimizer,
         optimizer.step()
         optim = count_optimizer_state(model, optimizer, offloaded)
     optimizer.zero_grad(set_to_none=True)
-    return build_report(model, tracker, grads, optim, cuda=box[0])
+    return build_report(model, tracker, grads, optim, cuda=box[0], streamer=streamer)

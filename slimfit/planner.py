@@ -11,9 +11,12 @@ extrapolated from the measured bytes of state per byte of trained parameters.
 Candidates are tried from the least to the most aggressive: full
 fine-tuning; freezing at r = 0.8, 0.9, 0.95; then offloading the optimizer
 state of frozen units (exact, overlapped on CUDA); then compressing static
-activations (approximate, ~0.99 gradient cosine); then, on CUDA, moving
-saved activations to host memory (the slowest). The first that fits is the
-plan: the least accuracy risk and slowdown for the memory.
+activations (approximate, ~0.99 gradient cosine); then streaming the
+weights of frozen tensors (exact; ``slimfit.stream``), with k, the number of
+blocks resident, chosen as the largest that fits (fewer transfers) and k' =
+min(2, k - 1) prefetched; then, on CUDA, also moving saved activations to
+host memory (the slowest). The first that fits is the plan: the least
+accuracy risk and slowdown for the memory.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from slimfit.errors import SlimFitError
 from slimfit.freezer import LayerFreezer
 from slimfit.ledger import MemoryReport, format_bytes, measure_step
 from slimfit.offload import OptimizerStateOffloader
+from slimfit.stream import StreamConfig, WeightStreamer
 
 __all__ = ["parse_budget", "Candidate", "Plan", "BudgetError", "default_candidates",
            "plan_for_budget", "build_plan", "optimizer_like"]
@@ -71,23 +75,29 @@ class Candidate:
     offload_optimizer_state: bool = False
     compression: bool = False
     offload_activations: bool = False
+    #: stream frozen weights; k and k' are chosen by the planner (``Plan.stream``)
+    stream_weights: bool = False
 
     def label(self) -> str:
         parts = ["full fine-tuning" if self.freeze_rate == 0 else f"SlimFit r={self.freeze_rate:g}"]
         parts += [n for n, on in (("optimizer-state offload", self.offload_optimizer_state),
                                   ("compression", self.compression),
+                                  ("weight streaming", self.stream_weights),
                                   ("activation offload", self.offload_activations)) if on]
         return " + ".join(parts)
 
 
-def default_candidates(cuda: bool | None = None) -> list[Candidate]:
-    """Least to most aggressive (activation offload only where there is a GPU)."""
+def default_candidates(cuda: bool | None = None, stream: bool = True) -> list[Candidate]:
+    """Least to most aggressive (activation offload only where there is a GPU;
+    weight streaming only when ``stream``: it needs a single process)."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
     out = [Candidate(0.0), Candidate(0.8), Candidate(0.9), Candidate(0.95),
            Candidate(0.9, offload_optimizer_state=True), Candidate(0.95, offload_optimizer_state=True),
            Candidate(0.9, True, True), Candidate(0.95, True, True)]
+    if stream:
+        out.append(Candidate(0.95, True, True, stream_weights=True))
     if cuda:
-        out.append(Candidate(0.95, True, True, offload_activations=True))
+        out.append(Candidate(0.95, True, True, offload_activations=True, stream_weights=stream))
     return out
 
 
@@ -99,6 +109,8 @@ class Plan:
     budget: int
     expected: dict[str, int]
     tried: tuple[tuple[str, int], ...]
+    #: (k, k') of weight streaming when the candidate streams, else None
+    stream: tuple[int, int] | None = None
 
     @property
     def expected_total(self) -> int:
@@ -113,17 +125,23 @@ class Plan:
         if c.offload_optimizer_state:
             lines.append(f"  optimizer state of frozen units in host memory: "
                          f"{format_bytes(e['host_optimizer_state'])}")
+        if self.stream is not None:
+            lines.append(f"  weights streamed from host memory ({format_bytes(e['host_parameters'])}"
+                         f"): k={self.stream[0]} blocks resident, k'={self.stream[1]} prefetched")
         lines.append("  tried: " + "; ".join(f"{n}: {format_bytes(b)}" for n, b in self.tried))
         return "\n".join(lines)
 
 
 def _expected(rep: MemoryReport, opt: torch.optim.Optimizer, freezer: LayerFreezer | None,
-              cand: Candidate, margin: float) -> dict[str, int]:
+              cand: Candidate, margin: float, streamer: WeightStreamer | None = None,
+              k: int | None = None) -> dict[str, int]:
     """Steady state from one calibration step, as upper bounds: gradients (and,
     with offload, resident optimizer state) for the largest set of units a step
     may train; optimizer state for every tensor once each has been trained;
     activations as measured plus ``margin`` (the trained set changes which
-    dynamic activations are saved)."""
+    dynamic activations are saved); with weight streaming, the weights outside
+    the streamed blocks, plus the k largest blocks whole, plus the largest
+    trainable set (it stays resident)."""
     nbytes = lambda ps: sum(p.numel() * p.element_size() for p in ps)  # noqa: E731
     in_opt = [p for g in opt.param_groups for p in g["params"]]
     with_state = [p for p in in_opt if opt.state.get(p)]
@@ -139,9 +157,25 @@ def _expected(rep: MemoryReport, opt: torch.optim.Optimizer, freezer: LayerFreez
     grads = trainable  # gradients have their parameters' size
     acts = 0 if cand.offload_activations else int(rep.activations * (1 + margin))
     opt_bytes = int(per_byte * resident)
-    return {"parameters": rep.parameters, "gradients": grads, "optimizer_state": opt_bytes,
-            "activations": acts, "total": rep.parameters + grads + opt_bytes + acts,
-            "host_optimizer_state": int(per_byte * (all_bytes - resident))}
+    params, host_params = rep.parameters, 0
+    if streamer is not None:
+        streamed = {id(t.param): t.nbytes for u in streamer.units for t in u.tensors}
+        blocks = sorted((sum(t.nbytes for t in u.tensors) for u in streamer.units), reverse=True)
+        outside = rep.parameters - streamer.peak_resident_bytes  # never streamed
+        units = freezer.units if freezer is not None else ()
+        candidates = {id(p) for u in units for p in u.params}
+        # block tensors that always train (biases, ...) stay resident; so do the
+        # largest set of candidate tensors a step may train
+        always = sum(b for pid, b in streamed.items() if pid not in candidates)
+        trained = sorted((sum(streamed.get(id(p), 0) for p in u.params) for u in units),
+                         reverse=True)[:len(units) - (freezer.num_frozen if freezer else 0)]
+        params = min(outside + sum(streamed.values()),  # never above no streaming
+                     outside + sum(blocks[:k]) + always + sum(trained))
+        host_params = streamer.host_bytes()
+    return {"parameters": params, "gradients": grads, "optimizer_state": opt_bytes,
+            "activations": acts, "total": params + grads + opt_bytes + acts,
+            "host_optimizer_state": int(per_byte * (all_bytes - resident)),
+            "host_parameters": host_params}
 
 
 def plan_for_budget(model: nn.Module, make_optimizer: Callable[[list], torch.optim.Optimizer],
@@ -177,12 +211,17 @@ def plan_for_budget(model: nn.Module, make_optimizer: Callable[[list], torch.opt
     tried: list[tuple[str, int]] = []
     try:
         for cand in candidates:
-            expected = _calibrate(model, make_optimizer, loss_fn, cand, seed, compression,
-                                  activation_margin, freezer_options)
+            by_k = _calibrate(model, make_optimizer, loss_fn, cand, seed, compression,
+                              activation_margin, freezer_options)
             model.load_state_dict(saved)
-            tried.append((cand.label(), expected["total"]))
-            if expected["total"] <= budget_b:
-                return Plan(cand, budget_b, expected, tuple(tried))
+            fits = [k for k, e in by_k.items() if e["total"] <= budget_b]
+            k = max(fits) if fits else min(by_k)  # more blocks resident: fewer transfers
+            expected = by_k[k]
+            label = cand.label() + (f" (k={k})" if cand.stream_weights else "")
+            tried.append((label, expected["total"]))
+            if fits:
+                stream = (k, min(2, k - 1)) if cand.stream_weights else None
+                return Plan(cand, budget_b, expected, tuple(tried), stream)
     finally:
         model.load_state_dict(saved)
         model.zero_grad(set_to_none=True)
@@ -194,13 +233,15 @@ def plan_for_budget(model: nn.Module, make_optimizer: Callable[[list], torch.opt
 
 
 def _calibrate(model, make_optimizer, loss_fn, cand: Candidate, seed, compression, margin,
-               options) -> dict:
+               options) -> dict[int | None, dict]:
+    """Expected peaks of ``cand``: ``{None: ...}``, or ``{k: ...}`` for every k
+    (blocks resident) when it streams weights (one step measured at k=2, k'=1)."""
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad])
     freezer = LayerFreezer(model, freeze_rate=cand.freeze_rate, seed=seed, **options) \
         if cand.freeze_rate > 0 else None
     comp = ActivationCompressor(model, compression or CompressionConfig()).install() \
         if cand.compression else None
-    off = None
+    off = streamer = None
     try:
         if freezer is not None:
             frozen = freezer.decide()
@@ -208,6 +249,8 @@ def _calibrate(model, make_optimizer, loss_fn, cand: Candidate, seed, compressio
             if cand.offload_optimizer_state:
                 off = OptimizerStateOffloader(opt, [u.params for u in freezer.units])
                 off.sync(frozen)
+        if cand.stream_weights:
+            streamer = WeightStreamer(model, StreamConfig(resident=2, prefetch=1)).install()
 
         def step():
             if cand.offload_activations:
@@ -216,9 +259,15 @@ def _calibrate(model, make_optimizer, loss_fn, cand: Candidate, seed, compressio
             else:
                 loss_fn().backward()
 
-        rep = measure_step(model, opt, step, off.host_storage_keys() if off else None)
-        return _expected(rep, opt, freezer, cand, margin)
+        rep = measure_step(model, opt, step, off.host_storage_keys() if off else None,
+                           streamer=streamer)
+        if streamer is None:
+            return {None: _expected(rep, opt, freezer, cand, margin)}
+        return {k: _expected(rep, opt, freezer, cand, margin, streamer, k)
+                for k in range(1, len(streamer.units) + 1)}
     finally:
+        if streamer is not None:
+            streamer.remove()
         if comp is not None:
             comp.remove()
         if freezer is not None:
@@ -237,12 +286,17 @@ def optimizer_like(optimizer: torch.optim.Optimizer) -> Callable[[list], torch.o
 
 def build_plan(plan: Plan, model: nn.Module, optimizer: torch.optim.Optimizer,
                compression: CompressionConfig | None = None, seed: int = 0, **freezer_options
-               ) -> tuple[LayerFreezer, ActivationCompressor | None, OptimizerStateOffloader | None]:
-    """The components that train ``model`` as ``plan`` says (compressor installed)."""
+               ) -> tuple[LayerFreezer, ActivationCompressor | None, OptimizerStateOffloader | None,
+                          StreamConfig | None]:
+    """The components that train ``model`` as ``plan`` says (compressor
+    installed), and the :class:`StreamConfig` to stream weights with, if any
+    (install a :class:`WeightStreamer` with it once the model is placed)."""
     c = plan.candidate
     freezer = LayerFreezer(model, freeze_rate=c.freeze_rate, seed=seed, **freezer_options)
     comp = ActivationCompressor(model, compression or CompressionConfig()).install() \
         if c.compression else None
     off = OptimizerStateOffloader(optimizer, [u.params for u in freezer.units]) \
         if c.offload_optimizer_state else None
-    return freezer, comp, off
+    stream = StreamConfig(resident=plan.stream[0], prefetch=plan.stream[1]) \
+        if plan.stream is not None else None
+    return freezer, comp, off, stream

@@ -63,6 +63,17 @@ def lit_module(model=None, optimizer: str = "adamw", lr: float = 1e-3):
     return LitClassifier(model, optimizer, lr)
 
 
+def no_dropout_lit(seed: int = 0, layers: int = 2):
+    """A tiny BERT without dropout (two runs comparable bit for bit), lr 1e-2."""
+    from transformers import BertConfig, BertForSequenceClassification
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=layers,
+                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                     attn_implementation="eager")
+    return lit_module(BertForSequenceClassification(cfg), lr=1e-2)
+
+
 def make_optimizer(name: str, params, lr: float = 1e-3):
     params = list(params)
     if name == "adamw":

@@ -4,10 +4,10 @@ import torch
 from torch import nn
 
 
-def hf_bert():
+def hf_bert(layers=2):
     from transformers import BertConfig, BertForSequenceClassification
     return BertForSequenceClassification(BertConfig(
-        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        vocab_size=128, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
         intermediate_size=64, max_position_embeddings=64, attn_implementation="eager"))
 
 
@@ -18,24 +18,24 @@ def hf_roberta():
         intermediate_size=64, max_position_embeddings=72, attn_implementation="eager"))
 
 
-def hf_distilbert():
+def hf_distilbert(layers=2):
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
     return DistilBertForSequenceClassification(DistilBertConfig(
-        vocab_size=128, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=64,
+        vocab_size=128, dim=32, n_layers=layers, n_heads=2, hidden_dim=64, max_position_embeddings=64,
         attn_implementation="eager"))
 
 
-def hf_vit():
+def hf_vit(layers=2):
     from transformers import ViTConfig, ViTForImageClassification
     return ViTForImageClassification(ViTConfig(
-        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
         intermediate_size=64, num_labels=3, attn_implementation="eager"))
 
 
-def timm_vit():
+def timm_vit(layers=2):
     import timm
     return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
-                             depth=2, num_classes=3)
+                             depth=layers, num_classes=3)
 
 
 class PlainNet(nn.Module):

@@ -8,6 +8,7 @@ from slimfit.freezer import LayerFreezer
 from slimfit.ledger import measure_step
 from slimfit.offload import OptimizerStateOffloader
 from slimfit.planner import BudgetError, Candidate, parse_budget, plan_for_budget
+from slimfit.stream import StreamConfig, WeightStreamer
 
 
 def medium_bert():
@@ -26,11 +27,22 @@ def medium_vit():
         intermediate_size=256, num_labels=10, attn_implementation="eager")).eval()
 
 
+def wide_bert():
+    """Weights dominate (4 wide blocks, tiny batch): the case for weight streaming."""
+    from transformers import BertConfig, BertForSequenceClassification
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(
+        vocab_size=64, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+        intermediate_size=1024, max_position_embeddings=16, attn_implementation="eager")).eval()
+
+
 CASES = {
     "bert": (medium_bert, lambda g: {"input_ids": torch.randint(0, 512, (16, 48), generator=g),
                                      "labels": torch.randint(0, 2, (16,), generator=g)}),
     "vit": (medium_vit, lambda g: {"pixel_values": torch.randn(16, 3, 32, 32, generator=g),
                                    "labels": torch.randint(0, 10, (16,), generator=g)}),
+    "wide": (wide_bert, lambda g: {"input_ids": torch.randint(0, 64, (2, 8), generator=g),
+                                   "labels": torch.randint(0, 2, (2,), generator=g)}),
 }
 
 
@@ -45,6 +57,8 @@ def run_plan(model, plan, batch_fn, steps):
     f = LayerFreezer(model, freeze_rate=c.freeze_rate) if c.freeze_rate else None
     comp = ActivationCompressor(model).install() if c.compression else None
     off = None
+    st = WeightStreamer(model, StreamConfig(resident=plan.stream[0], prefetch=plan.stream[1])
+                        ).install() if plan.stream else None
     g = torch.Generator().manual_seed(1)
     totals = []
     for _ in range(steps):
@@ -52,6 +66,8 @@ def run_plan(model, plan, batch_fn, steps):
         if f:
             fz = f.decide()
             f.apply(fz)
+            if st:
+                st.sync()
             if c.offload_optimizer_state:
                 off = off or OptimizerStateOffloader(opt, [u.params for u in f.units])
                 off.sync(fz)
@@ -61,9 +77,12 @@ def run_plan(model, plan, batch_fn, steps):
             if f:
                 f.before_optimizer_step(opt)
 
-        totals.append(measure_step(model, opt, fb, off.host_storage_keys() if off else None).total)
+        totals.append(measure_step(model, opt, fb, off.host_storage_keys() if off else None,
+                                   streamer=st).total)
         if f:
             f.after_optimizer_step()
+    if st:
+        st.remove()
     if comp:
         comp.remove()
     if f:
@@ -71,7 +90,7 @@ def run_plan(model, plan, batch_fn, steps):
     return totals
 
 
-@pytest.mark.parametrize("name", ["bert", "vit"])
+@pytest.mark.parametrize("name", ["bert", "vit", "wide"])
 def test_plans_respect_the_budget_on_the_ledger(name):
     factory, batch_fn = CASES[name]
     model = factory()
@@ -80,7 +99,8 @@ def test_plans_respect_the_budget_on_the_ledger(name):
     loss = lambda: model(**batch).loss  # noqa: E731
     full = plan_for_budget(model, adamw, loss, 10**12, candidates=[Candidate(0.0)])
     seen = set()
-    for frac in (1.2, 0.75, 0.55, 0.4):
+    streamed_k = set()
+    for frac in (1.2, 0.75, 0.55, 0.4, 0.35, 0.3, 0.25):
         budget = int(full.expected_total * frac)
         try:
             plan = plan_for_budget(model, adamw, loss, budget)
@@ -91,10 +111,14 @@ def test_plans_respect_the_budget_on_the_ledger(name):
         model_copy = factory()
         model_copy.load_state_dict(model.state_dict())
         # enough steps for every unit to be trained once (steady-state optimizer
-        # state): 22 units, at r=0.95 two are trained per step
-        totals = run_plan(model_copy, plan, batch_fn, steps=13)
+        # state): 22 units (38 for "wide"), at r=0.95 two are trained per step
+        totals = run_plan(model_copy, plan, batch_fn, steps=20 if name == "wide" else 13)
         assert max(totals) <= budget, (plan.describe(), max(totals), budget)
+        if plan.stream:
+            streamed_k.add(plan.stream[0])
     assert len(seen) >= 3, seen  # several budgets, several different plans
+    if name == "wide":  # weights dominate: tight budgets stream them, k picked per budget
+        assert len(streamed_k) >= 2, streamed_k  # several budgets, several different plans
 
 
 def test_planner_restores_the_weights():

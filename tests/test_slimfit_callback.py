@@ -15,7 +15,7 @@ from slimfit.callbacks import SlimFit
 from slimfit.callbacks.checks import check_strategy
 from slimfit.errors import CheckpointMismatchError, SelectionError, SlimFitError, UnsupportedSetupError
 
-from conftest import lit_module, token_loader, trainer
+from conftest import lit_module, no_dropout_lit, token_loader, trainer
 
 
 class StepSpy(pl.Callback):
@@ -87,13 +87,6 @@ def test_frozen_layers_save_memory_in_a_real_step(tmp_path):
     assert all(r.gradients < 0.5 * full for _, r in mon.history)
 
 
-def no_dropout_lit(seed=0):
-    from transformers import BertConfig, BertForSequenceClassification
-    torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                     attention_probs_dropout_prob=0.0, attn_implementation="eager")
-    return lit_module(BertForSequenceClassification(cfg), lr=1e-2)
 
 
 def test_resume_continues_with_the_same_decisions(tmp_path):

@@ -1,0 +1,278 @@
+"""Weight streaming: bit-identical training, bounded residency, honest ledger,
+complete checkpoints, clear errors. Runs on the CPU, where the "device" and
+the host masters are both host memory but every eviction really frees the
+weight's storage (0 bytes), so a schedule that computed with an evicted
+weight would crash or differ, not pass."""
+
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+from slimfit.compress import ActivationCompressor
+from slimfit.errors import SelectionError, SlimFitError
+from slimfit.freezer import LayerFreezer
+from slimfit.ledger import measure_step
+from slimfit.stream import StreamConfig, WeightStreamer, default_stream_units
+
+from conftest import make_optimizer, no_dropout_lit
+import models
+
+
+def deep_bert(layers=5):
+    return models.hf_bert(layers)
+
+
+deep_hf_vit = functools.partial(models.hf_vit, 4)
+deep_distilbert = functools.partial(models.hf_distilbert, 4)
+deep_timm_vit = functools.partial(models.timm_vit, 4)
+
+
+# (name, model factory, batch factory, loss name for models.loss_fn)
+CASES = [
+    ("hf-bert", deep_bert, models.text_batch, "hf-bert"),
+    ("hf-vit", deep_hf_vit, models.image_batch, "hf-vit"),
+    ("timm-vit", deep_timm_vit, models.image_batch, "timm-vit"),
+    ("hf-distilbert", deep_distilbert, models.text_batch, "hf-distilbert"),
+]
+
+
+def train(factory, batch_fn, loss_name, stream=None, compress=False, optimizer="adamw",
+          steps=6, rate=0.8, train_mode=True):
+    """Train with SlimFit freezing; return losses, final state dict, streamer, reports."""
+    torch.manual_seed(0)
+    model = factory().train(train_mode)
+    opt = make_optimizer(optimizer, model.parameters(), lr=1e-2)
+    freezer = LayerFreezer(model, freeze_rate=rate, seed=0)
+    comp = ActivationCompressor(model).install() if compress else None
+    st = WeightStreamer(model, stream).install() if stream else None
+    batch = batch_fn(model)
+    losses, reports, residency = [], [], []
+    for i in range(steps):
+        freezer.apply(freezer.decide())
+        if st:
+            st.sync()
+        torch.manual_seed(100 + i)  # same dropout masks in both runs
+
+        def fb():
+            loss = models.loss_fn(loss_name, model, batch)
+            loss.backward()
+            losses.append(loss.item())
+            if st:
+                residency.append(st.resident_units())
+            freezer.before_optimizer_step(opt)
+
+        reports.append(measure_step(model, opt, fb, streamer=st))
+        freezer.after_optimizer_step()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    return losses, state, st, reports, residency, model
+
+
+def assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("name,factory,batch_fn,loss_name", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("k,kp", [(1, 0), (2, 1)])
+def test_streamed_training_is_bit_identical(name, factory, batch_fn, loss_name, k, kp):
+    ref = train(factory, batch_fn, loss_name)
+    got = train(factory, batch_fn, loss_name, StreamConfig(resident=k, prefetch=kp))
+    assert got[0] == ref[0]  # losses, exactly
+    assert_same_state(got[1], ref[1])
+    st = got[2]
+    assert max(got[4]) <= k  # never more than k blocks resident
+    assert st.stats["bytes_in"] > 0 and st.stats["write_backs"] > 0  # weights really moved
+    # activations are what they were: the streamer hands only non-weight saves onward
+    assert [r.activations for r in got[3]] == [r.activations for r in ref[3]]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw8bit"])
+def test_bit_identical_with_other_optimizers_and_compression(optimizer):
+    # AdamW8bit writes weights through raw pointers without bumping autograd's
+    # version counter: the write-back must not depend on it
+    ref = train(deep_bert, models.text_batch, "hf-bert", compress=True, optimizer=optimizer)
+    got = train(deep_bert, models.text_batch, "hf-bert", StreamConfig(resident=2, prefetch=1),
+                compress=True, optimizer=optimizer)
+    assert got[0] == ref[0]
+    assert_same_state(got[1], ref[1])
+
+
+def test_evicted_weights_hold_no_memory_and_the_ledger_counts_the_peak():
+    _, _, st, reports, _, model = train(deep_bert, models.text_batch, "hf-bert",
+                                        StreamConfig(resident=2, prefetch=1), train_mode=False)
+    ref = train(deep_bert, models.text_batch, "hf-bert", train_mode=False)[3]
+    evicted = [t for u in st.units for t in u.tensors if not t.resident]
+    assert evicted and all(t.param.untyped_storage().nbytes() == 0 for t in evicted)
+    assert all(not t.param.requires_grad for t in evicted)  # only frozen tensors leave
+    last, full = reports[-1], ref[-1]
+    all_params = sum(p.numel() * p.element_size() for p in model.parameters())
+    outside = all_params - st.streamed_bytes()
+    assert last.parameters == outside + st.peak_resident_bytes
+    assert last.parameters < full.parameters == all_params
+    assert last.offloaded_parameters == st.host_bytes() == st.streamed_bytes()
+    # the peak: at most k blocks whole, plus the trained tensors left resident elsewhere
+    blocks = sorted((sum(t.nbytes for t in u.tensors) for u in st.units), reverse=True)
+    trained = sum(t.nbytes for u in st.units for t in u.tensors if t.param.requires_grad)
+    assert st.peak_resident_bytes <= sum(blocks[:2]) + trained
+    assert st.overlap() > 0.9  # with k'=1 nearly every block was already fetched
+    assert last.scalars()["memory/offloaded_parameters"] == st.host_bytes()
+
+
+def test_prefetch_zero_fetches_on_demand():
+    st = train(deep_bert, models.text_batch, "hf-bert", StreamConfig(resident=1, prefetch=0))[2]
+    assert st.stats["on_demand"] > st.stats["hits"]
+
+
+def test_state_dict_and_load_round_trip_while_streaming():
+    _, ref_state, st, _, _, model = train(deep_bert, models.text_batch, "hf-bert",
+                                          StreamConfig(resident=1, prefetch=0))
+    sd = model.state_dict()
+    assert_same_state(sd, ref_state)  # evicted weights come from their host masters
+    torch.save(sd, "/dev/null")  # serialisable (masters are plain host tensors)
+    # loading other weights into a streamed model: every later use sees them
+    other = deep_bert()
+    other.eval()
+    model.eval()
+    model.load_state_dict(other.state_dict())
+    assert st.resident_units() == 0  # each block is evicted again right after it is loaded
+    x = models.text_batch(model)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x["input_ids"]).logits,
+                           other(input_ids=x["input_ids"]).logits)
+    assert_same_state(model.state_dict(), other.state_dict())
+
+
+def test_gathered_and_remove_restore_every_weight():
+    _, ref_state, st, _, _, model = train(deep_bert, models.text_batch, "hf-bert",
+                                          StreamConfig(resident=1, prefetch=0))
+    first = st.units[0].tensors[0].param
+    with st.gathered():
+        assert all(t.resident for u in st.units for t in u.tensors)
+        with torch.no_grad():
+            first.add_(1.0)  # an edit inside the context is kept
+    expected = ref_state[st.units[0].tensors[0].name] + 1.0
+    assert not st.units[0].tensors[0].resident or first.requires_grad
+    st.remove()
+    assert not st.installed
+    assert all(p.untyped_storage().nbytes() == p.numel() * p.element_size()
+               for p in model.parameters())
+    assert torch.equal(first, expected)
+
+
+def test_default_units_are_the_transformer_blocks():
+    assert default_stream_units(deep_bert(3)) == [f"bert.encoder.layer.{i}" for i in range(3)]
+    assert default_stream_units(deep_timm_vit()) == [f"blocks.{i}" for i in range(4)]
+
+
+# -- the Lightning callback ----------------------------------------------------------------
+
+
+def fit(tmp_path, stream, max_steps=8, ckpt_path=None, extra=(), seed=0):
+    import warnings
+    from conftest import token_loader, trainer
+    from slimfit.callbacks import MemoryMonitor, SlimFit
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "SlimFit offload requested", UserWarning)
+        sf = SlimFit(freeze_rate=0.8, stream_weights=stream)
+    mon = MemoryMonitor(every_n_steps=4)
+    lit = no_dropout_lit(seed, layers=4)
+    trainer(tmp_path, max_steps=max_steps, callbacks=[sf, mon, *extra],
+            enable_checkpointing=bool(extra)).fit(lit, token_loader(n=64), ckpt_path=ckpt_path)
+    return lit, sf, mon
+
+
+def test_callback_streams_exactly_checkpoints_and_resumes(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    ck = lambda d: ModelCheckpoint(dirpath=d, every_n_train_steps=4, save_top_k=-1)  # noqa: E731
+    ref, _, ref_mon = fit(tmp_path / "ref", None, extra=[ck(tmp_path / "ref_ckpt")])
+    lit, sf, mon = fit(tmp_path / "s", StreamConfig(resident=1), extra=[ck(tmp_path / "ckpt")])
+    assert_same_state(lit.state_dict(), ref.state_dict())  # identical training
+    assert sf.streamer is None  # released at the end: every weight back on the device
+    assert all(p.untyped_storage().nbytes() > 0 for p in lit.parameters())
+    last, ref_last = mon.history[-1][1], ref_mon.history[-1][1]
+    assert last.offloaded_parameters > 0 and last.parameters < ref_last.parameters
+    # the checkpoint taken mid-run, with blocks evicted, holds the real weights
+    mid = "epoch=0-step=4.ckpt"
+    saved = torch.load(tmp_path / "ckpt" / mid, weights_only=False)["state_dict"]
+    assert_same_state(saved, torch.load(tmp_path / "ref_ckpt" / mid, weights_only=False)["state_dict"])
+    # and resuming from it while streaming trains as resuming without streaming
+    a, _, _ = fit(tmp_path / "ra", None, seed=1, ckpt_path=str(tmp_path / "ckpt" / mid))
+    b, _, _ = fit(tmp_path / "rb", StreamConfig(resident=2), seed=1,
+                  ckpt_path=str(tmp_path / "ckpt" / mid))
+    assert_same_state(a.state_dict(), b.state_dict())
+
+
+def test_callback_refuses_streaming_under_ddp():
+    import types
+    from slimfit.callbacks import SlimFit
+    from slimfit.errors import UnsupportedSetupError
+    with pytest.warns(UserWarning) if not torch.cuda.is_available() else _nullcontext():
+        sf = SlimFit(stream_weights=True)
+    with pytest.raises(UnsupportedSetupError, match="weight streaming runs in one process; this "
+                                                    "run has 2"):
+        sf._start_streaming(types.SimpleNamespace(world_size=2), deep_bert(2), sf.stream_config)
+
+
+def _nullcontext():
+    import contextlib
+    return contextlib.nullcontext()
+
+
+def test_callback_rejects_a_bad_stream_option():
+    from slimfit.callbacks import SlimFit
+    with pytest.raises(TypeError, match="stream_weights must be True, False, None or a StreamConfig"):
+        SlimFit(stream_weights={"resident": 2})
+
+
+# -- bad input -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"resident": 0}, r"resident \(k\) must be >= 1, got 0"),
+    ({"resident": 2, "prefetch": 2}, r"prefetch \(k'\) must be in \[0, resident - 1\] = \[0, 1\], got 2"),
+    ({"prefetch": -1}, r"got -1"),
+    ({"resident": 2.5}, "must be an int, got 2.5"),
+    ({"units": 3}, "units"),
+])
+def test_bad_stream_config(kw, match):
+    with pytest.raises(SlimFitError, match=match):
+        StreamConfig(**kw)
+
+
+def test_unit_pattern_matching_nothing_names_modules():
+    with pytest.raises(SelectionError, match=r"units=\['decoder'\] matched no module.*bert"):
+        WeightStreamer(deep_bert(2), StreamConfig(units=["decoder"]))
+
+
+def test_nested_units_are_refused():
+    with pytest.raises(SelectionError, match="stream units nest"):
+        WeightStreamer(deep_bert(2), StreamConfig(units=r"bert\.encoder\.layer\.0(\.attention)?"))
+
+
+def test_model_without_blocks_needs_explicit_units():
+    with pytest.raises(SelectionError, match="no list of same-type blocks"):
+        WeightStreamer(models.PlainNet())
+    st = WeightStreamer(models.PlainNet(), StreamConfig(units=["fc1", "fc2"], resident=1)).install()
+    assert len(st.units) == 2
+    st.remove()
+
+
+def test_shared_weights_stay_resident():
+    blocks = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4))
+    blocks[2].weight = blocks[0].weight  # tied
+    blocks.requires_grad_(False)
+    st = WeightStreamer(blocks, StreamConfig(units=r"\d", resident=1, prefetch=0)).install()
+    assert any("0.weight" in k and "shared" in k for k in st.kept)
+    x = torch.randn(2, 4)
+    out = blocks(x)
+    st.remove()
+    assert torch.equal(out, blocks(x))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without CUDA")
+def test_pinned_memory_without_cuda_is_a_clear_error():
+    with pytest.raises(SlimFitError, match="pin_memory=True needs CUDA"):
+        WeightStreamer(deep_bert(2), StreamConfig(pin_memory=True)).install()
