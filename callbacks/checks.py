@@ -7,13 +7,13 @@ in ``setup``, before any training, and name the setting to change.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
 from slimfit.errors import UnsupportedSetupError
 
-__all__ = ["check_strategy", "loss_of"]
+__all__ = ["check_fit_start", "check_single_process", "check_strategy", "loss_of"]
 
 _SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAStrategy",
             "SingleDeviceXLAStrategy")
@@ -41,6 +41,41 @@ def check_strategy(strategy: Any) -> None:
             raise UnsupportedSetupError(
                 "SlimFit changes the trainable set every step, which DDP's static_graph=True "
                 "forbids ('training graph has changed'). Remove static_graph=True from DDPStrategy.")
+
+
+def check_fit_start(pl_module: Any, optimizers: Sequence[Any], units: Sequence[Any]) -> None:
+    """At fit start (model wrapped, optimizer built): one optimizer with automatic
+    optimization, holding every candidate, none of them frozen yet."""
+    if not pl_module.automatic_optimization:
+        raise UnsupportedSetupError(
+            "SlimFit needs automatic optimization (one optimizer step per training step); "
+            "set self.automatic_optimization = True in the LightningModule.")
+    if len(optimizers) != 1:
+        raise UnsupportedSetupError(
+            f"SlimFit supports exactly one optimizer, got {len(optimizers)}.")
+    in_opt = {id(p) for g in optimizers[0].param_groups for p in g["params"]}
+    missing = [u.name for u in units if any(id(p) not in in_opt for p in u.params)]
+    if missing:
+        raise UnsupportedSetupError(
+            f"{len(missing)} SlimFit candidate(s) are not in the optimizer (e.g. {missing[:3]}); "
+            "they would never be trained. Pass all trainable parameters to the optimizer or "
+            "exclude them with SlimFit(exclude=[...]).")
+    frozen = [u.name for u in units if not all(p.requires_grad for p in u.params)]
+    if frozen:  # DDP registered only trainable tensors when it wrapped the model
+        raise UnsupportedSetupError(
+            f"SlimFit candidate(s) {frozen[:3]} were frozen when the strategy wrapped the "
+            "model; under DDP they would train unsynchronised. Do not freeze parameters "
+            "between setup and fit start, or exclude them from SlimFit.")
+
+
+def check_single_process(world_size: int, feature: str) -> None:
+    """Refuse ``feature`` (weight streaming) in a run of more than one process."""
+    if world_size > 1:
+        raise UnsupportedSetupError(
+            f"SlimFit {feature} runs in one process; this run has {world_size}. Under DDP "
+            "each rank holds its own weights and the strategy reads them outside forward: "
+            "drop stream_weights, or use offload_optimizer_state / compression, which work "
+            "with DDP.")
 
 
 def loss_of(out: Any):

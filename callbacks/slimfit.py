@@ -12,10 +12,15 @@ Hook map (one optimizer step, any gradient accumulation):
 * ``on_train_batch_end`` once ``global_step`` advanced: score the trained units.
   A step skipped by the grad scaler moves no weight and is not a measurement.
 
-Refused with a clear error: FSDP, DeepSpeed and other sharded strategies; DDP
-without ``find_unused_parameters=True`` or with ``static_graph``; manual
-optimization; candidates missing from the optimizer or frozen when DDP wrapped
-the model (they would never be synchronised).
+Weight streaming (``stream_weights``) is installed at fit start, once the
+strategy has placed the model, trimmed to k blocks after each decision, and
+removed (every weight back on the device) at the end of training.
+
+Refused with a clear error: weight streaming with more than one process;
+FSDP, DeepSpeed and other sharded strategies; DDP without
+``find_unused_parameters=True`` or with ``static_graph``; manual optimization;
+candidates missing from the optimizer or frozen when DDP wrapped the model
+(they would never be synchronised).
 """
 
 from __future__ import annotations
@@ -28,10 +33,10 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from slimfit.callbacks.checks import check_strategy, loss_of
+from slimfit.callbacks.checks import (check_fit_start, check_single_process, check_strategy,
+                                      loss_of)
 from slimfit.compress import ActivationCompressor, CompressionConfig
 from slimfit.config import SlimFitConfig
-from slimfit.errors import UnsupportedSetupError
 from slimfit.freezer import LayerFreezer
 from slimfit.offload import OptimizerStateOffloader, activation_offload
 from slimfit.planner import (Plan, build_plan, default_candidates, optimizer_like, parse_budget,
@@ -150,39 +155,17 @@ class SlimFit(pl.Callback):
             self._pending_state = None
 
     def on_fit_start(self, trainer, pl_module):
-        if not pl_module.automatic_optimization:
-            raise UnsupportedSetupError(
-                "SlimFit needs automatic optimization (one optimizer step per training step); "
-                "set self.automatic_optimization = True in the LightningModule.")
-        if len(trainer.optimizers) != 1:
-            raise UnsupportedSetupError(
-                f"SlimFit supports exactly one optimizer, got {len(trainer.optimizers)}.")
-        in_opt = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
-        missing = [u.name for u in self.freezer.units if any(id(p) not in in_opt for p in u.params)]
-        if missing:
-            raise UnsupportedSetupError(
-                f"{len(missing)} SlimFit candidate(s) are not in the optimizer (e.g. {missing[:3]}); "
-                "they would never be trained. Pass all trainable parameters to the optimizer or "
-                "exclude them with SlimFit(exclude=[...]).")
+        check_fit_start(pl_module, trainer.optimizers, self.freezer.units)
+        if self.stream_config is not None:
+            check_single_process(trainer.world_size, "weight streaming")
         if self.offload_optimizer_state:
             self.offloader = OptimizerStateOffloader(trainer.optimizers[0],
                                                      [u.params for u in self.freezer.units])
         if self.stream_config is not None:
             self._start_streaming(trainer, pl_module, self.stream_config)
-        frozen = [u.name for u in self.freezer.units if not all(p.requires_grad for p in u.params)]
-        if frozen:  # DDP registered only trainable tensors when it wrapped the model
-            raise UnsupportedSetupError(
-                f"SlimFit candidate(s) {frozen[:3]} were frozen when the strategy wrapped the "
-                "model; under DDP they would train unsynchronised. Do not freeze parameters "
-                "between setup and fit start, or exclude them from SlimFit.")
 
     def _start_streaming(self, trainer, pl_module, config: StreamConfig) -> None:
-        if trainer.world_size > 1:
-            raise UnsupportedSetupError(
-                f"SlimFit weight streaming runs in one process; this run has "
-                f"{trainer.world_size}. Under DDP each rank holds its own weights and the "
-                "strategy reads them outside forward: drop stream_weights, or use "
-                "offload_optimizer_state / compression, which work with DDP.")
+        check_single_process(trainer.world_size, "weight streaming")
         self.streamer = WeightStreamer(pl_module, config).install()
         rank_zero_info("SlimFit " + self.streamer.describe())
 

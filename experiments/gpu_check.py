@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import gc
+import sys
 import time
+import traceback
 
 import torch
 
@@ -84,7 +86,10 @@ def run_arm(args, model_name, bs, arm, full_peak):
             streamer = WeightStreamer(case.model, stream).install()
         act_off = plan.candidate.offload_activations
         case.batch = small
-    step = lambda measure=False: _step(case, opt, freezer, off, act_off, measure, streamer)  # noqa: E731
+
+    def step(measure=False):
+        return _step(case, opt, freezer, off, act_off, measure, streamer)
+
     while freezer is not None and not freezer.scheduler.initial_pass_done:
         step()
     if freezer is None:
@@ -114,11 +119,14 @@ def run_arm(args, model_name, bs, arm, full_peak):
         streamer.remove()
     if comp is not None:
         comp.remove()
-    del case, opt, freezer, comp, off, streamer
+    return peak, dt, rep, plan_txt  # the arm's model and state are freed by the caller
+
+
+def _release_memory() -> None:
+    """Free the last arm's model, state and cached blocks before the next arm."""
     gc.collect()
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
-    return peak, dt, rep, plan_txt
 
 
 def main(argv=None):
@@ -137,6 +145,7 @@ def main(argv=None):
                          "or --device cpu for a smoke test.")
     print(f"device: {torch.cuda.get_device_name() if DEVICE == 'cuda' else 'cpu'}, "
           f"torch {torch.__version__}")
+    failures = 0
     for model_name in args.models:
         for bs in args.batch_sizes:
             rows = {}
@@ -148,11 +157,17 @@ def main(argv=None):
                     rows[arm] = run_arm(args, model_name, bs, arm, full_peak)
                 except torch.OutOfMemoryError:
                     rows[arm] = None
-                    torch.cuda.empty_cache()
                 except BudgetError as e:  # the planner's own refusal, reported as such
                     print(f"  {model_name} b{bs} planner: {e}")
                     rows[arm] = None
                     continue
+                except Exception:  # one broken arm must not cost the rest of a GPU session
+                    print(f"  {model_name} b{bs} {arm}: FAILED\n{traceback.format_exc()}", flush=True)
+                    rows[arm] = None
+                    failures += 1
+                    continue
+                finally:
+                    _release_memory()  # after the except: its traceback no longer pins the arm
                 r = rows[arm]
                 print(f"  {model_name} b{bs} {arm}: " + (
                     f"peak {format_bytes(r[0])}, step {r[1]:.3f} s, ledger {format_bytes(r[2].total)}"
@@ -168,11 +183,13 @@ def main(argv=None):
             print("|---|---:|---:|---:|---:|---:|---:|")
             for arm, r in rows.items():
                 if r is None:
-                    print(f"| {arm} | OOM or no plan | | | | | |")
+                    print(f"| {arm} | OOM, no plan or failed (see above) | | | | | |")
                     continue
                 print(f"| {arm} | {format_bytes(r[0])} | {f[0] / r[0]:.2f}x smaller | {r[1]:.3f} | "
                       f"{r[1] / f[1]:.2f} | {format_bytes(r[2].total)} | {r[2].total / r[0]:.2f} |")
             print()
+    if failures:
+        sys.exit(f"{failures} arm(s) failed; their tracebacks are above.")
 
 
 if __name__ == "__main__":

@@ -28,10 +28,11 @@ master before it is evicted: detected by its version counter, so nothing is
 written back needlessly and nothing stale is ever fetched.
 
 Limits: one process (no DDP: the strategy's hooks and broadcasts expect
-resident weights); the model must not be moved (``.to``) once streaming; code
-that reads a streamed weight outside a forward pass must do so inside
-:meth:`WeightStreamer.gathered` (``state_dict`` and ``load_state_dict`` are
-handled). On a machine without CUDA the copies are host-to-host and
+resident weights); the model must not be moved (``.to``) once streaming; a
+block may use only its own frozen weights in its forward (a use seen from
+another block is refused with an error); code that reads a streamed weight
+outside a forward pass must do so inside :meth:`WeightStreamer.gathered`
+(``state_dict`` and ``load_state_dict`` are handled). On a machine without CUDA the copies are host-to-host and
 synchronous: the bookkeeping, residency limits and exactness are the same,
 the memory is not saved.
 """
@@ -45,7 +46,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from slimfit.errors import SelectionError, SlimFitError
+from slimfit.errors import SelectionError, SlimFitError, UnsupportedSetupError
 from slimfit.ledger import format_bytes
 from slimfit.selection import Pattern, _validate_pattern, iter_modules, matches
 
@@ -162,8 +163,8 @@ def _storage_id(t: torch.Tensor) -> int | None:
 class _Scope:
     """Saved-tensor hooks pushed while one unit's forward runs."""
 
-    def __init__(self, streamer: "WeightStreamer"):
-        self.streamer = streamer
+    def __init__(self, streamer: "WeightStreamer", unit: int):
+        self.streamer, self.unit = streamer, unit
         self.outer: tuple | None = None
 
     def push(self) -> None:
@@ -180,7 +181,14 @@ class _Scope:
 
     def pack(self, t: torch.Tensor) -> Any:
         hit = self.streamer._by_storage.get(_storage_id(t))
-        if hit is not None and t.dtype == hit[1].param.dtype:
+        if hit is not None:
+            if hit[0] != self.unit and not hit[1].param.requires_grad:
+                units = self.streamer.units
+                raise SlimFitError(
+                    f"weight streaming: {hit[1].name} (unit {units[hit[0]].name}) was used inside "
+                    f"the forward of {units[self.unit].name}; a streamed block may only use its "
+                    "own weights. Stream coarser units (StreamConfig(units=...)) so both are in "
+                    "one, or leave these modules out of the units.")
             return _Ref(hit[0], t.detach())  # no bytes held: the storage is resized in place
         # detach: a saved output must not hold its own grad_fn (reference cycle)
         return ("o", self.outer[0](t) if self.outer else t.detach())
@@ -281,7 +289,16 @@ class WeightStreamer:
         and hook the units. Idempotent."""
         if self._handles:
             return self
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            raise UnsupportedSetupError(
+                "weight streaming runs in one process; this one is rank "
+                f"{torch.distributed.get_rank()} of {torch.distributed.get_world_size()}. DDP "
+                "reads and broadcasts weights outside forward: stream in single-device runs, "
+                "or use optimizer-state offload and compression, which work with DDP.")
         pin = self.config.pin_memory
+        self.units, self._clock, self._current = [], 0, None
+        self.resident_bytes = self.peak_resident_bytes = 0
         specs = [(n, m, ps) for n, m, ps in self._specs]
         devices = {p.device for _, _, ps in specs for _, p in ps}
         self._cuda = any(d.type == "cuda" for d in devices)
@@ -315,7 +332,7 @@ class WeightStreamer:
                 lambda *_a, i=i, **_k: self._fetch(i, ready=True)))
             self._handles.append(mod.register_load_state_dict_post_hook(
                 lambda _m, _keys, i=i: self._evict(i)))
-        self._scopes = [_Scope(self) for _ in self.units]
+        self._scopes = [_Scope(self, u.index) for u in self.units]
         self.peak_resident_bytes = self.resident_bytes
         for u in self.units:
             self._evict(u.index)

@@ -49,3 +49,32 @@ def test_ddp_without_find_unused_parameters_is_refused(tmp_path):
     with pytest.raises(UnsupportedSetupError,
                        match="strategy='ddp_find_unused_parameters_true'"):
         tr.fit(lit_module(), token_loader())
+
+
+def _stream_under_ddp(rank, out_dir, port):
+    import torch.distributed as dist
+    from slimfit.stream import WeightStreamer
+    from models import hf_bert
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        WeightStreamer(hf_bert()).install()
+        msg = "installed"
+    except UnsupportedSetupError as e:
+        msg = str(e)
+    finally:
+        dist.destroy_process_group()
+    with open(f"{out_dir}/rank{rank}.txt", "w") as f:
+        f.write(msg)
+
+
+def test_weight_streaming_is_refused_in_a_process_group(tmp_path):
+    """The plain-PyTorch streamer refuses a multi-process run itself (not only
+    the callback): each rank would stream its own copy while DDP reads weights."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_stream_under_ddp, args=(str(tmp_path), port), nprocs=2)
+    for r in (0, 1):
+        text = (tmp_path / f"rank{r}.txt").read_text()
+        assert text.startswith(f"weight streaming runs in one process; this one is rank {r} of 2")

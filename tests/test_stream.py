@@ -45,7 +45,8 @@ def train(factory, batch_fn, loss_name, stream=None, compress=False, optimizer="
     model = factory().train(train_mode)
     opt = make_optimizer(optimizer, model.parameters(), lr=1e-2)
     freezer = LayerFreezer(model, freeze_rate=rate, seed=0)
-    comp = ActivationCompressor(model).install() if compress else None
+    if compress:
+        ActivationCompressor(model).install()  # hooks live as long as the model
     st = WeightStreamer(model, stream).install() if stream else None
     batch = batch_fn(model)
     losses, reports, residency = [], [], []
@@ -98,6 +99,34 @@ def test_bit_identical_with_other_optimizers_and_compression(optimizer):
                 compress=True, optimizer=optimizer)
     assert got[0] == ref[0]
     assert_same_state(got[1], ref[1])
+
+
+def test_bit_identical_under_bf16_autocast_and_with_activations_on_the_host():
+    """Streaming composes with autocast (the saved low-precision weight copies are
+    ordinary saved tensors) and with save_on_cpu (weights are not copied by it)."""
+    def run(stream):
+        torch.manual_seed(0)
+        model = deep_bert(4).eval()
+        opt = make_optimizer("adamw", model.parameters(), lr=1e-2)
+        f = LayerFreezer(model, freeze_rate=0.8, seed=0)
+        st = WeightStreamer(model, StreamConfig(resident=1)).install() if stream else None
+        batch = models.text_batch(model)
+        for _ in range(4):
+            f.apply(f.decide())
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16), \
+                    torch.autograd.graph.save_on_cpu(pin_memory=False):
+                loss = model(**batch).loss
+            loss.backward()
+            f.before_optimizer_step(opt)
+            opt.step()
+            f.after_optimizer_step()
+        return {k: v.clone() for k, v in model.state_dict().items()}, st
+
+    ref, _ = run(False)
+    got, st = run(True)
+    assert_same_state(got, ref)
+    assert st.stats["write_backs"] > 0 and st.stats["on_demand"] > 0
 
 
 def test_evicted_weights_hold_no_memory_and_the_ledger_counts_the_peak():
@@ -276,3 +305,31 @@ def test_shared_weights_stay_resident():
 def test_pinned_memory_without_cuda_is_a_clear_error():
     with pytest.raises(SlimFitError, match="pin_memory=True needs CUDA"):
         WeightStreamer(deep_bert(2), StreamConfig(pin_memory=True)).install()
+
+
+class _CrossUse(nn.Module):
+    """Block 1 reads block 0's weight: streaming cannot keep that correct."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(4, 4), _Borrower()])
+
+    def forward(self, x):
+        return self.blocks[1](self.blocks[0](x), self.blocks[0].weight)
+
+
+class _Borrower(nn.Linear):
+    def __init__(self):
+        super().__init__(4, 4)
+
+    def forward(self, x, w):
+        return super().forward(x) @ w
+
+
+def test_a_block_using_another_blocks_weight_is_refused():
+    m = _CrossUse().requires_grad_(False)
+    m.blocks[1].bias.requires_grad_(True)  # something to differentiate
+    WeightStreamer(m, StreamConfig(units=r"blocks\.\d", resident=2)).install()
+    with pytest.raises(SlimFitError, match=r"blocks\.0\.weight \(unit blocks\.0\) was used inside "
+                                           r"the forward of blocks\.1"):
+        m(torch.randn(2, 4, requires_grad=True))
