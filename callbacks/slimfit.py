@@ -71,9 +71,9 @@ class SlimFit(pl.Callback):
         offload_optimizer_state: keep the optimizer state of frozen units in
             pinned host memory, prefetched on a side CUDA stream when the unit
             trains again (exact).
-        offload_activations: save tensors for backward in host memory
-            (``save_on_cpu``; combined with compression, the compressed bytes
-            are what moves).
+        offload_activations: save tensors for backward in pinned host memory,
+            copied on a side CUDA stream (combined with compression, the
+            compressed bytes are what moves).
         stream_weights: keep the weights of frozen tensors in host memory with
             only k blocks on the device, prefetching k' ahead (``True`` for
             k=2, k'=1, or a :class:`slimfit.stream.StreamConfig`); exact.
@@ -209,7 +209,7 @@ class SlimFit(pl.Callback):
         if self.streamer is not None:
             self.streamer.sync()  # weights frozen from this step on may leave the device
         if self.offload_activations:
-            self._act_offload = activation_offload()
+            self._act_offload = activation_offload(pl_module)  # weights are not copied
             self._act_offload.__enter__()
         self._open_step = trainer.global_step
 

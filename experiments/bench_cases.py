@@ -122,7 +122,7 @@ def train_step(case: Case, optimizer: torch.optim.Optimizer, freezer=None, measu
             streamer.sync()
 
     def fwd_bwd():
-        with activation_offload() if offload_activations else contextlib.nullcontext():
+        with activation_offload(case.model) if offload_activations else contextlib.nullcontext():
             case.loss().backward()
         if offloader is not None:
             offloader.before_optimizer_step()
@@ -143,12 +143,13 @@ def train_step(case: Case, optimizer: torch.optim.Optimizer, freezer=None, measu
     return report
 
 
-def timed_steps(case: Case, optimizer, freezer, n: int) -> float:
-    """Median wall time of ``n`` steps (CUDA synchronised)."""
+def timed_steps(case: Case, optimizer, freezer, n: int, **step_options) -> float:
+    """Median wall time of ``n`` steps (CUDA synchronised); ``step_options`` go
+    to :func:`train_step` (``offloader``, ``streamer``, ...)."""
     times = []
     for _ in range(n):
         t0 = time.perf_counter()
-        train_step(case, optimizer, freezer)
+        train_step(case, optimizer, freezer, **step_options)
         if next(case.model.parameters()).is_cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)

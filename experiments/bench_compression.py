@@ -1,10 +1,14 @@
 """Full fine-tuning vs SlimFit (freezing) vs SlimFit + static-activation
-compression: ledger memory and step time in one run, and gradient fidelity.
+compression (and, with ``--arms``, + optimizer-state offload of frozen units,
++ weight streaming): ledger memory and step time in one run, and gradient
+fidelity.
 
 Examples:
     python experiments/bench_compression.py --model bert-base --batch-sizes 8 16 32 --extrapolate 128
     python experiments/bench_compression.py --model vit-b16 --batch-sizes 8 16 32 --extrapolate 128
     python experiments/bench_compression.py --model bert-base --fidelity --batch-sizes 8
+    python -m slimfit.experiments.bench_compression --model bert-base --batch-sizes 8 32 \
+        --extrapolate 128 --arms full slimfit+compress +offload +stream
 
 Each arm uses a fresh model (same seed) and AdamW. The SlimFit arms first run
 their initial pass at batch 2 (every unit trained once, so AdamW state exists
@@ -29,20 +33,29 @@ from slimfit.experiments.bench_cases import build_case, make_optimizer, timed_st
 from slimfit.compress import ActivationCompressor, CompressionConfig, Treatment
 from slimfit.freezer import LayerFreezer
 from slimfit.ledger import format_bytes
+from slimfit.offload import OptimizerStateOffloader
+from slimfit.stream import StreamConfig, WeightStreamer
 
-ARMS = ("full", "slimfit", "slimfit+compress")
+ARMS = ("full", "slimfit", "slimfit+compress", "+offload", "+stream")
+# "+offload": slimfit+compress with the optimizer state of frozen units in host memory;
+# "+stream": that plus weight streaming (k=2 blocks resident, k'=1 prefetched)
 
 
 def run_arm(args, arm, batch_sizes, comp_cfg):
     case = build_case(args.model, 2, args.seq_len, args.image_size, args.device)
     opt = make_optimizer("adamw", case.model)
     freezer = comp = None
+    extra: dict = {}  # offloader / streamer for train_step
     if arm != "full":
         freezer = LayerFreezer(case.model, freeze_rate=args.freeze_rate, seed=0)
-    if arm == "slimfit+compress":
+    if arm in ("slimfit+compress", "+offload", "+stream"):
         comp = ActivationCompressor(case.model, comp_cfg).install()
+    if arm in ("+offload", "+stream"):
+        extra["offloader"] = OptimizerStateOffloader(opt, [u.params for u in freezer.units])
+    if arm == "+stream":
+        extra["streamer"] = WeightStreamer(case.model, StreamConfig(resident=2, prefetch=1)).install()
     while freezer is not None and not freezer.scheduler.initial_pass_done:
-        train_step(case, opt, freezer)
+        train_step(case, opt, freezer, **extra)
     if freezer is None:
         train_step(case, opt)  # AdamW state for every tensor
     out = {}
@@ -50,15 +63,17 @@ def run_arm(args, arm, batch_sizes, comp_cfg):
         big = build_case(args.model, bs, args.seq_len, args.image_size, args.device)
         case.batch = big.batch
         del big
-        train_step(case, opt, freezer)  # warm-up at this shape
-        t = timed_steps(case, opt, freezer, args.timed_steps)
-        out[bs] = (train_step(case, opt, freezer, measure=True), t)
+        train_step(case, opt, freezer, **extra)  # warm-up at this shape
+        t = timed_steps(case, opt, freezer, args.timed_steps, **extra)
+        out[bs] = (train_step(case, opt, freezer, measure=True, **extra), t)
         print(f"  {arm:17s} batch {bs:4d}: total {format_bytes(out[bs][0].total):>11s}, activations "
               f"{format_bytes(out[bs][0].activations):>11s}, step {out[bs][1]:.2f} s", flush=True)
     desc = case.describe.rsplit(", batch", 1)[0]
+    if "streamer" in extra:
+        extra["streamer"].remove()
     if comp is not None:
         comp.remove()
-    del case, opt, freezer
+    del case, opt, freezer, extra
     gc.collect()
     return out, desc
 
@@ -102,14 +117,19 @@ def main(argv=None):
     ap.add_argument("--layernorm", default="int8", choices=["int8", "topk", "none"])
     ap.add_argument("--gelu-bits", default="int4", choices=["int4", "int8"])
     ap.add_argument("--fidelity", action="store_true")
+    ap.add_argument("--arms", nargs="+", default=["full", "slimfit", "slimfit+compress"],
+                    choices=ARMS, help="'full' is required (ratios are against it)")
     args = ap.parse_args(argv)
     cfg = CompressionConfig(layernorm=Treatment(method=args.layernorm),
                             gelu=Treatment(method=args.gelu_bits, group_size=64))
     if args.fidelity:
         fidelity(args, cfg)
         return
+    if "full" not in args.arms:
+        ap.error("--arms must include 'full': every ratio is against full fine-tuning")
+    arms = list(dict.fromkeys(args.arms))
     results = {}
-    for arm in ARMS:
+    for arm in arms:
         results[arm], desc = run_arm(args, arm, args.batch_sizes, cfg)
     print(f"\n## {desc}, AdamW, SlimFit r={args.freeze_rate}; compression: attention int8, "
           f"GELU {args.gelu_bits} (groups of 64), LayerNorm {args.layernorm}, FFN down input int8, "
@@ -119,7 +139,7 @@ def main(argv=None):
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for bs in args.batch_sizes:
         f, tf = results["full"][bs]
-        for arm in ARMS:
+        for arm in arms:
             r, t = results[arm][bs]
             print(f"| {bs} | {arm} | {format_bytes(r.parameters)} | {format_bytes(r.gradients)} | "
                   f"{format_bytes(r.optimizer_state)} | {format_bytes(r.activations)} | "
@@ -133,7 +153,7 @@ def main(argv=None):
               % (args.extrapolate, args.extrapolate))
         print("|---|---:|---:|---:|---:|---:|")
         ext = {}
-        for arm in ARMS:
+        for arm in arms:
             pts = {b: results[arm][b][0] for b in bsz}
             slope = (pts[bsz[-1]].activations - pts[bsz[0]].activations) / (bsz[-1] - bsz[0])
             icpt = pts[bsz[0]].activations - slope * bsz[0]
@@ -141,7 +161,7 @@ def main(argv=None):
             act = icpt + slope * args.extrapolate
             r = pts[bsz[-1]]
             ext[arm] = (act, r.parameters + r.gradients + r.optimizer_state + act, resid)
-        for arm in ARMS:
+        for arm in arms:
             act, tot, resid = ext[arm]
             print(f"| {arm} | {format_bytes(act)} | {format_bytes(tot)} | "
                   f"{ext['full'][1] / tot:.2f}x smaller | {ext['full'][0] / act:.2f}x smaller | "

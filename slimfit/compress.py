@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from slimfit.errors import SelectionError, SlimFitError
+from slimfit.ledger import storage_identity
 from slimfit.quantize import (SUPPORTED_BITS, dequantize, pack_bool, quantize, topk_prune,
                               topk_restore, unpack_bool)
 from slimfit.selection import Pattern, _validate_pattern, iter_modules, matches
@@ -251,7 +252,7 @@ class _Scope:
 
     def pack(self, t: torch.Tensor) -> Any:
         c = self.compressor
-        storage = _storage_ptr(t)
+        storage = storage_identity(t)
         if storage in c._param_storages or t.numel() < c.config.min_numel:
             return ("raw", self._out(t))
         key = (storage, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t._version)
@@ -307,17 +308,6 @@ class _Scope:
             return topk_restore(meta)
         meta.codes, meta.zero, meta.scale = pieces
         return dequantize(meta)
-
-
-def _storage_ptr(t: torch.Tensor) -> Any:
-    # The StorageImpl's identity, not its data pointer: weight streaming
-    # (slimfit.stream) resizes a weight's storage in place, which changes the
-    # pointer but not the storage, and a streamed weight must still be known
-    # as a parameter (never quantized).
-    try:
-        return t.untyped_storage()._cdata
-    except (RuntimeError, NotImplementedError):
-        return ("id", id(t))
 
 
 def _is_compiled(model: nn.Module) -> bool:
@@ -407,7 +397,9 @@ class ActivationCompressor:
     def install(self) -> "ActivationCompressor":
         if self._handles:
             return self
-        self._param_storages = {_storage_ptr(p) for p in self.model.parameters()}
+        # by storage identity: a streamed weight (slimfit.stream) keeps its storage
+        # but not its address, and must still never be quantized
+        self._param_storages = {storage_identity(p) for p in self.model.parameters()}
         for kind, mods in self.targets.items():
             tr = None if kind == "dropout_mask" else getattr(self.config, kind)
             for _, mod in mods:

@@ -45,6 +45,7 @@ __all__ = [
     "count_parameters",
     "format_bytes",
     "measure_step",
+    "storage_identity",
     "storage_key",
 ]
 
@@ -81,8 +82,9 @@ def storage_key(t: torch.Tensor) -> tuple[Any, int, int]:
         return ("id", id(t)), t.numel() * t.element_size()
 
 
-def _storage_identity(t: torch.Tensor) -> Any:
-    """The StorageImpl a tensor views (stable while that storage lives, even if resized)."""
+def storage_identity(t: torch.Tensor) -> Any:
+    """The StorageImpl a tensor views: stable while that storage lives, even when
+    it is resized in place (weight streaming), unlike its data pointer."""
     try:
         return t.untyped_storage()._cdata
     except (RuntimeError, NotImplementedError, TypeError):
@@ -409,8 +411,8 @@ class SavedTensorTracker:
         # By StorageImpl identity, not address: a streamed weight's storage is
         # resized in place (slimfit.stream), and an activation may be allocated
         # at the address it just freed.
-        self._excluded = {_storage_identity(t) for t in self.model.parameters()}
-        self._excluded |= {_storage_identity(t) for t in self.model.buffers()}
+        self._excluded = {storage_identity(t) for t in self.model.parameters()}
+        self._excluded |= {storage_identity(t) for t in self.model.buffers()}
         for name, mod in _module_names(self.model):
             self._handles.append(mod.register_forward_pre_hook(self._make_pre(name)))
             self._handles.append(mod.register_forward_hook(self._post, always_call=True))
@@ -444,7 +446,7 @@ class SavedTensorTracker:
 
     # -- saved tensor hooks -------------------------------------------------
     def _pack(self, t: torch.Tensor) -> Any:
-        if _storage_identity(t) in self._excluded:
+        if storage_identity(t) in self._excluded:
             return t
         key, nbytes = storage_key(t)
         n = self._refs.get(key, 0)

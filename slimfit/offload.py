@@ -1,5 +1,6 @@
 """Offloading for SlimFit: the optimizer state of frozen units lives in host
-memory, and saved activations can be moved to host memory too.
+memory, and saved activations can be moved to host memory too (copies on a
+side stream, overlapped with compute).
 
 Why: freezing removes gradients and dynamic activations, but AdamW keeps 8
 bytes per parameter for every tensor ever trained, resident on the GPU even
@@ -20,14 +21,14 @@ bookkeeping and exactness are the same, the memory moved is not.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from slimfit.ledger import storage_key
+from slimfit.ledger import storage_identity, storage_key
 
-__all__ = ["OptimizerStateOffloader", "activation_offload"]
+__all__ = ["ActivationOffloader", "OptimizerStateOffloader", "activation_offload"]
 
 
 class OptimizerStateOffloader:
@@ -141,9 +142,107 @@ class OptimizerStateOffloader:
         return total
 
 
+class _Host:
+    """What autograd stores for one offloaded saved tensor."""
+
+    __slots__ = ("device", "host", "copied")
+
+    def __init__(self, device: torch.device, host: torch.Tensor, copied: Any):
+        self.device, self.host, self.copied = device, host, copied
+
+
+class ActivationOffloader:
+    """Save tensors for backward in host memory, the copies overlapped with compute.
+
+    ``torch.autograd.graph.save_on_cpu`` copies each saved tensor with a
+    blocking ``copy_``: the host waits for the GPU at every save, and it copies
+    the weights a Linear saves too (every step, for nothing). Here each
+    device-to-host copy is queued on a side CUDA stream after the op that
+    produced the tensor (the compute stream runs on); the device tensor is
+    recorded on that stream so its memory is reused only once the copy ran;
+    backward waits for the copy's event, then copies back on the compute
+    stream. Parameters and buffers of ``model`` stay where they are (stored by
+    reference, as without hooks), and so do tensors under ``min_bytes``.
+
+    Hooks active outside (the ledger) see nothing of what moved: the device
+    holds it only transiently. Hooks inside (SlimFit compression, weight
+    streaming) hand their compressed pieces here, so compressed bytes move.
+    Without CUDA, tensors stay put unless ``force_host_copy`` (tests: the same
+    bookkeeping with host-to-host copies).
+
+    Args:
+        model: whose parameters and buffers are never copied (None: copy all).
+        pin_memory: page-locked host buffers (needed for asynchronous copies).
+        min_bytes: smaller saved tensors are kept on the device.
+        force_host_copy: copy CPU tensors too (testing the path without a GPU).
+
+    Example:
+        >>> lin = nn.Linear(4, 4)
+        >>> with ActivationOffloader(lin, force_host_copy=True, pin_memory=False) as off:
+        ...     y = torch.relu(lin(torch.randn(2, 4, requires_grad=True))).sum()
+        >>> y.backward(); off.copies > 0
+        True
+    """
+
+    def __init__(self, model: nn.Module | None = None, *, pin_memory: bool | None = None,
+                 min_bytes: int = 0, force_host_copy: bool = False):
+        if isinstance(min_bytes, bool) or not isinstance(min_bytes, int) or min_bytes < 0:
+            raise ValueError(f"min_bytes must be an int >= 0, got {min_bytes!r}.")
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.min_bytes = min_bytes
+        self.force = force_host_copy
+        self._skip = set()
+        if model is not None:
+            self._skip = {storage_identity(t) for t in (*model.parameters(), *model.buffers())}
+        self._stream = torch.cuda.Stream() if torch.cuda.is_available() else None
+        self._hooks: Any = None
+        self.copies = 0
+        self.bytes_moved = 0
+
+    def __enter__(self) -> "ActivationOffloader":
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+        self._hooks = None
+
+    def pack(self, t: torch.Tensor) -> Any:
+        nbytes = t.numel() * t.element_size()
+        if (not t.is_cuda and not self.force) or nbytes < self.min_bytes or t.layout != torch.strided \
+                or storage_identity(t) in self._skip:
+            return t
+        host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self.pin_memory)
+        copied = None
+        if t.is_cuda:
+            compute = torch.cuda.current_stream(t.device)
+            self._stream.wait_stream(compute)  # after the op that wrote t
+            with torch.cuda.stream(self._stream):
+                host.copy_(t, non_blocking=True)  # D2H, overlapped with the next ops
+            t.record_stream(self._stream)  # t's memory is reused only after the copy
+            copied = torch.cuda.Event()
+            copied.record(self._stream)
+        else:
+            host.copy_(t)
+        self.copies += 1
+        self.bytes_moved += nbytes
+        return _Host(t.device, host, copied)
+
+    @staticmethod
+    def unpack(obj: Any) -> torch.Tensor:
+        if not isinstance(obj, _Host):
+            return obj
+        if obj.copied is not None:
+            torch.cuda.current_stream(obj.device).wait_event(obj.copied)
+            return obj.host.to(obj.device, non_blocking=True)  # H2D on the compute stream
+        return obj.host.clone() if obj.device.type == "cpu" else obj.host.to(obj.device)
+
+
 @contextlib.contextmanager
-def activation_offload(pin_memory: bool = True) -> Iterator[None]:
-    """Save tensors for backward in host memory (``torch.autograd.graph.save_on_cpu``).
+def activation_offload(model: nn.Module | None = None, pin_memory: bool = True) -> Iterator[None]:
+    """Save tensors for backward in host memory with overlapped copies
+    (:class:`ActivationOffloader`); ``model``'s weights are not copied.
 
     SlimFit's compression scopes forward what they store to the hooks active
     outside them, so under this context compressed activations are what is
@@ -152,5 +251,5 @@ def activation_offload(pin_memory: bool = True) -> Iterator[None]:
     if not torch.cuda.is_available():
         yield
         return
-    with torch.autograd.graph.save_on_cpu(pin_memory=pin_memory):
+    with ActivationOffloader(model, pin_memory=pin_memory):
         yield

@@ -32,7 +32,7 @@ from slimfit.compress import ActivationCompressor, CompressionConfig
 from slimfit.errors import SlimFitError
 from slimfit.freezer import LayerFreezer
 from slimfit.ledger import MemoryReport, format_bytes, measure_step
-from slimfit.offload import OptimizerStateOffloader
+from slimfit.offload import OptimizerStateOffloader, activation_offload
 from slimfit.stream import StreamConfig, WeightStreamer
 
 __all__ = ["parse_budget", "Candidate", "Plan", "BudgetError", "default_candidates",
@@ -254,7 +254,7 @@ def _calibrate(model, make_optimizer, loss_fn, cand: Candidate, seed, compressio
 
         def step():
             if cand.offload_activations:
-                with torch.autograd.graph.save_on_cpu(pin_memory=True):
+                with activation_offload(model):
                     loss_fn().backward()
             else:
                 loss_fn().backward()

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from slimfit.errors import SelectionError, SlimFitError, UnsupportedSetupError
-from slimfit.ledger import format_bytes
+from slimfit.ledger import format_bytes, storage_identity
 from slimfit.selection import Pattern, _validate_pattern, iter_modules, matches
 
 __all__ = ["StreamConfig", "WeightStreamer", "default_stream_units"]
@@ -152,14 +152,6 @@ class _Ref:
         self.unit, self.tensor = unit, tensor
 
 
-def _storage_id(t: torch.Tensor) -> int | None:
-    """Identity of the StorageImpl (stable across ``resize_``, unlike ``data_ptr``)."""
-    try:
-        return t.untyped_storage()._cdata
-    except (RuntimeError, NotImplementedError, TypeError):
-        return None
-
-
 class _Scope:
     """Saved-tensor hooks pushed while one unit's forward runs."""
 
@@ -180,7 +172,7 @@ class _Scope:
         torch._C._autograd._pop_saved_tensors_default_hooks()
 
     def pack(self, t: torch.Tensor) -> Any:
-        hit = self.streamer._by_storage.get(_storage_id(t))
+        hit = self.streamer._by_storage.get(storage_identity(t))
         if hit is not None:
             if hit[0] != self.unit and not hit[1].param.requires_grad:
                 units = self.streamer.units
@@ -230,9 +222,9 @@ class WeightStreamer:
         for name, mod in model.named_modules():  # parameters shared across modules stay resident
             for p in mod.parameters(recurse=False):
                 owners[id(p)] = owners.get(id(p), 0) + 1
-        storage_users: dict[int | None, int] = {}
+        storage_users: dict[Any, int] = {}
         for t in list(model.parameters()) + list(model.buffers()):
-            sid = _storage_id(t)
+            sid = storage_identity(t)
             storage_users[sid] = storage_users.get(sid, 0) + 1
         self.kept: list[str] = []  # unit parameters that cannot be streamed, with why
         self._specs: list[tuple[str, nn.Module, list[tuple[str, nn.Parameter]]]] = []
@@ -240,7 +232,7 @@ class WeightStreamer:
             mod, params = modules[name], []
             for pname, p in mod.named_parameters():
                 full = f"{name}.{pname}"
-                if owners.get(id(p), 0) > 1 or storage_users.get(_storage_id(p), 0) > 1:
+                if owners.get(id(p), 0) > 1 or storage_users.get(storage_identity(p), 0) > 1:
                     self.kept.append(f"{full} (shared with another module)")
                 elif p.storage_offset() != 0 or not p.is_contiguous():
                     self.kept.append(f"{full} (a view into a larger storage)")
@@ -248,7 +240,7 @@ class WeightStreamer:
                     params.append((full, p))
             self._specs.append((name, mod, params))
         self.units: list[_Unit] = []
-        self._by_storage: dict[int | None, tuple[int, _Tensor]] = {}
+        self._by_storage: dict[Any, tuple[int, _Tensor]] = {}
         self._handles: list[Any] = []
         self._stream: Any = None
         self._cuda = False
@@ -318,7 +310,7 @@ class WeightStreamer:
                 master.copy_(p.detach())  # a one-off D2H of every streamed weight
                 t = _Tensor(p, full, master)
                 tensors.append(t)
-                self._by_storage[_storage_id(p)] = (i, t)
+                self._by_storage[storage_identity(p)] = (i, t)
                 self.resident_bytes += t.nbytes
             unit = _Unit(i, name, mod, tensors)
             self.units.append(unit)
