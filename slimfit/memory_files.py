@@ -84,7 +84,8 @@ def write_memory_files(history: Sequence[tuple[int, MemoryReport]], out_dir: str
     paths["layers_md"].write_text(
         last.summary_table(f"Training memory at step {step}") + "\n\n" + last.module_table(depth) + "\n")
     with open(paths["steps_csv"], "w", newline="") as f:
-        keys = list(history[0][1].scalars(prefix="").keys())
+        # union over steps: host-held columns appear only once something is offloaded
+        keys = list(dict.fromkeys(k for _, r in history for k in r.scalars(prefix="")))
         w = csv.writer(f)
         w.writerow(["step", *keys])
         for s, r in history:

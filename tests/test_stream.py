@@ -223,6 +223,10 @@ def test_callback_streams_exactly_checkpoints_and_resumes(tmp_path):
     assert all(p.untyped_storage().nbytes() > 0 for p in lit.parameters())
     last, ref_last = mon.history[-1][1], ref_mon.history[-1][1]
     assert last.offloaded_parameters > 0 and last.parameters < ref_last.parameters
+    import csv
+    with open(mon.files["steps_csv"]) as f:  # the memory report shows the host-held weights
+        rows = list(csv.DictReader(f))
+    assert all(int(r["offloaded_parameters"]) == last.offloaded_parameters for r in rows)
     # the checkpoint taken mid-run, with blocks evicted, holds the real weights
     mid = "epoch=0-step=4.ckpt"
     saved = torch.load(tmp_path / "ckpt" / mid, weights_only=False)["state_dict"]
