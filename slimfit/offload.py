@@ -173,19 +173,21 @@ class ActivationOffloader:
     Args:
         model: whose parameters and buffers are never copied (None: copy all).
         pin_memory: page-locked host buffers (needed for asynchronous copies).
-        min_bytes: smaller saved tensors are kept on the device.
+        min_bytes: smaller saved tensors are kept on the device (default 64 KiB:
+            a copy, a pinned buffer and an event per tiny tensor cost more
+            than the bytes they free).
         force_host_copy: copy CPU tensors too (testing the path without a GPU).
 
     Example:
         >>> lin = nn.Linear(4, 4)
-        >>> with ActivationOffloader(lin, force_host_copy=True, pin_memory=False) as off:
+        >>> with ActivationOffloader(lin, min_bytes=0, force_host_copy=True, pin_memory=False) as off:
         ...     y = torch.relu(lin(torch.randn(2, 4, requires_grad=True))).sum()
         >>> y.backward(); off.copies > 0
         True
     """
 
     def __init__(self, model: nn.Module | None = None, *, pin_memory: bool | None = None,
-                 min_bytes: int = 0, force_host_copy: bool = False):
+                 min_bytes: int = 1 << 16, force_host_copy: bool = False):
         if isinstance(min_bytes, bool) or not isinstance(min_bytes, int) or min_bytes < 0:
             raise ValueError(f"min_bytes must be an int >= 0, got {min_bytes!r}.")
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory

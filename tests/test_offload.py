@@ -91,6 +91,11 @@ def test_offload_options_are_checked():
 # -- saved activations in host memory ------------------------------------------------------
 
 
+def host_offloader(model):
+    """The offload path with host-to-host copies (this machine has no GPU)."""
+    return ActivationOffloader(model, min_bytes=0, force_host_copy=True, pin_memory=False)
+
+
 def _grads_with(offloader_factory, compress=False):
     from slimfit.compress import ActivationCompressor
     torch.manual_seed(0)
@@ -109,12 +114,10 @@ def _grads_with(offloader_factory, compress=False):
 
 def test_activation_offload_is_exact_and_skips_the_weights():
     ref, _, _ = _grads_with(lambda m: None)
-    got, off, model = _grads_with(lambda m: ActivationOffloader(m, force_host_copy=True,
-                                                                pin_memory=False))
+    got, off, model = _grads_with(host_offloader)
     for n in ref:
         assert torch.equal(ref[n], got[n]), n
-    _, all_off, _ = _grads_with(lambda m: ActivationOffloader(None, force_host_copy=True,
-                                                              pin_memory=False))
+    _, all_off, _ = _grads_with(lambda m: host_offloader(None))
     assert off.copies > 0
     # save_on_cpu would also copy every weight a Linear saves; these stay by reference
     weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
@@ -123,9 +126,8 @@ def test_activation_offload_is_exact_and_skips_the_weights():
 
 
 def test_activation_offload_moves_compressed_bytes_and_the_ledger_sees_none():
-    plain = _grads_with(lambda m: ActivationOffloader(m, force_host_copy=True, pin_memory=False))[1]
-    packed = _grads_with(lambda m: ActivationOffloader(m, force_host_copy=True, pin_memory=False),
-                         compress=True)[1]
+    plain = _grads_with(host_offloader)[1]
+    packed = _grads_with(host_offloader, compress=True)[1]
     assert packed.bytes_moved < 0.75 * plain.bytes_moved  # compression happens before the copy
     model = hf_bert()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -133,8 +135,7 @@ def test_activation_offload_moves_compressed_bytes_and_the_ledger_sees_none():
 
     def step(offload):
         def fb():
-            with ActivationOffloader(model, force_host_copy=True, pin_memory=False) \
-                    if offload else contextlib.nullcontext():
+            with host_offloader(model) if offload else contextlib.nullcontext():
                 loss = model(input_ids=x, labels=torch.zeros(4, dtype=torch.long)).loss
             loss.backward()
         return measure_step(model, opt, fb).activations

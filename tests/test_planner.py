@@ -165,3 +165,30 @@ def test_slimfit_callback_with_memory_budget(tmp_path):
     assert sf.plan is not None and sf.plan.candidate.freeze_rate > 0
     assert sf.plan.expected_total <= budget
     assert max(r.total for _, r in mon.history) <= budget
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["bert-base", "vit-b16"])
+def test_plans_respect_the_budget_for_full_size_configs(name):
+    """BERT-base and ViT-B/16 as configured (random init; short sequence / small
+    images to keep the run to about a minute), at budgets from 60% to 15% of full
+    fine-tuning: every plan's ledger peak over real steps stays within it."""
+    from slimfit.experiments.bench_cases import build_case
+    case = build_case(name, 2, seq_len=32, image_size=64)
+    model, batch, loss = case.model, case.batch, case.loss
+    full = plan_for_budget(model, adamw, loss, 10**13, candidates=[Candidate(0.0)])
+    plans = []
+    for frac in (0.6, 0.4, 0.25, 0.15):
+        budget = int(full.expected_total * frac)
+        try:
+            plan = plan_for_budget(model, adamw, loss, budget)
+        except BudgetError:
+            continue
+        plans.append(plan.candidate.label())
+        assert plan.expected_total <= budget
+        steps = 1 + int(1 / (1 - plan.candidate.freeze_rate) + 0.5)  # every unit trained once
+        # a fresh model from the same seed: the planner restored its weights anyway
+        fresh = build_case(name, 2, seq_len=32, image_size=64).model
+        totals = run_plan(fresh, plan, lambda _g: batch, steps)  # HF models: labels in batch
+        assert max(totals) <= budget, (plan.describe(), max(totals), budget)
+    assert len(set(plans)) >= 3, plans
