@@ -46,6 +46,7 @@ from slimfit.stream import StreamConfig, WeightStreamer
 
 __all__ = ["SlimFit"]
 
+
 def _config_option(name: str, value: Any, cls: type) -> Any:
     """``True``: the defaults of ``cls``; ``False``/``None``: off; else an instance of ``cls``."""
     if value is True:
@@ -79,9 +80,10 @@ class SlimFit(pl.Callback):
             k=2, k'=1, or a :class:`slimfit.stream.StreamConfig`); exact.
             Single process only.
         memory_budget: e.g. ``"12GiB"``: at the first step, calibration steps
-            measured by the ledger choose the freezing rate, offload and
-            compression that fit (``slimfit.planner``); the other options
-            then only set selection and scoring.
+            measured by the ledger choose the freezing rate, offload,
+            compression and weight streaming (k, k') that fit
+            (``slimfit.planner``); the other options then only set selection
+            and scoring.
         log_every_n_steps: log frozen fraction and score statistics this often.
         output_dir: where the heatmap and summary go at the end of training
             (default ``<log_dir or default_root_dir>/slimfit``).
@@ -156,8 +158,6 @@ class SlimFit(pl.Callback):
 
     def on_fit_start(self, trainer, pl_module):
         check_fit_start(pl_module, trainer.optimizers, self.freezer.units)
-        if self.stream_config is not None:
-            check_single_process(trainer.world_size, "weight streaming")
         if self.offload_optimizer_state:
             self.offloader = OptimizerStateOffloader(trainer.optimizers[0],
                                                      [u.params for u in self.freezer.units])

@@ -253,7 +253,7 @@ class _Scope:
     def pack(self, t: torch.Tensor) -> Any:
         c = self.compressor
         storage = storage_identity(t)
-        if storage in c._param_storages or t.numel() < c.config.min_numel:
+        if storage in c._param_storages or _is_parameter(t) or t.numel() < c.config.min_numel:
             return ("raw", self._out(t))
         key = (storage, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t._version)
         hit = self._cache.get(key, (None,))[0]
@@ -308,6 +308,13 @@ class _Scope:
             return topk_restore(meta)
         meta.codes, meta.zero, meta.scale = pieces
         return dequantize(meta)
+
+
+def _is_parameter(t: torch.Tensor) -> bool:
+    """A parameter or a view of one (a Linear saves ``weight.t()``), whatever its
+    storage is now: a weight whose storage was replaced after install (weight
+    streaming gives memory-mapped weights their own) must never be quantized."""
+    return isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter)
 
 
 def _is_compiled(model: nn.Module) -> bool:

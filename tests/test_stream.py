@@ -337,3 +337,33 @@ def test_a_block_using_another_blocks_weight_is_refused():
     with pytest.raises(SlimFitError, match=r"blocks\.0\.weight \(unit blocks\.0\) was used inside "
                                            r"the forward of blocks\.1"):
         m(torch.randn(2, 4, requires_grad=True))
+
+
+def test_memory_mapped_weights_stream_and_are_never_quantized():
+    """Weights loaded from a file (non-resizable storage, here from numpy) get their
+    own storage when streaming starts, after compression was installed (the
+    callback's order): compression must still know them as weights."""
+    def run(stream):
+        torch.manual_seed(0)
+        model = deep_bert(4).eval()
+        for p in model.bert.encoder.parameters():
+            p.data = torch.from_numpy(p.detach().numpy().copy())  # not resizable
+        opt = make_optimizer("adamw", model.parameters(), lr=1e-2)
+        f = LayerFreezer(model, freeze_rate=0.8, seed=0)
+        comp = ActivationCompressor(model).install()
+        st = WeightStreamer(model, StreamConfig(resident=1)).install() if stream else None
+        batch = models.text_batch(model)
+        for _ in range(3):
+            f.apply(f.decide())
+            opt.zero_grad(set_to_none=True)
+            model(**batch).loss.backward()
+            f.before_optimizer_step(opt)
+            opt.step()
+            f.after_optimizer_step()
+        comp.remove()
+        return {k: v.clone() for k, v in model.state_dict().items()}, st
+
+    ref, _ = run(False)
+    got, st = run(True)
+    assert st.stats["bytes_in"] > 0
+    assert_same_state(got, ref)
