@@ -236,6 +236,9 @@ class SlimFit(pl.Callback):
         step = trainer.global_step - 1  # the step just taken
         if step % self.log_every_n_steps == 0:  # our own interval, not the Trainer's
             metrics = {f"slimfit/{k}": float(v) for k, v in stats.items()}
+            if self.streamer is not None:  # overlap achieved, traffic so far
+                metrics |= {f"slimfit/stream_{k}": float(v) for k, v in self.streamer.stats.items()}
+                metrics["slimfit/stream_prefetch_hit_rate"] = self.streamer.overlap()
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
 

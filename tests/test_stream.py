@@ -5,6 +5,7 @@ weight's storage (0 bytes), so a schedule that computed with an evicted
 weight would crash or differ, not pass."""
 
 import functools
+import pathlib
 
 import pytest
 import torch
@@ -197,6 +198,25 @@ def test_default_units_are_the_transformer_blocks():
 
 
 # -- the Lightning callback ----------------------------------------------------------------
+
+
+def test_callback_logs_the_overlap_achieved(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+    from conftest import token_loader, trainer
+    from slimfit.callbacks import SlimFit
+    import warnings
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "SlimFit offload requested", UserWarning)
+        sf = SlimFit(freeze_rate=0.8, stream_weights=StreamConfig(resident=2, prefetch=1))
+    logger = CSVLogger(tmp_path, name="csv")
+    trainer(tmp_path, max_steps=4, callbacks=[sf], logger=logger).fit(
+        no_dropout_lit(layers=4), token_loader(n=32))
+    import csv
+    with open(pathlib.Path(logger.log_dir) / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("slimfit/stream_prefetch_hit_rate")]
+    assert len(rows) == 4
+    assert 0.5 < float(rows[-1]["slimfit/stream_prefetch_hit_rate"]) <= 1.0
+    assert float(rows[-1]["slimfit/stream_bytes_in"]) > 0
 
 
 def fit(tmp_path, stream, max_steps=8, ckpt_path=None, extra=(), seed=0):
