@@ -43,7 +43,7 @@ from slimfit.errors import SelectionError, SlimFitError
 from slimfit.ledger import storage_identity
 from slimfit.quantize import (SUPPORTED_BITS, dequantize, pack_bool, quantize, topk_prune,
                               topk_restore, unpack_bool)
-from slimfit.selection import Pattern, _validate_pattern, iter_modules, matches
+from slimfit.selection import Pattern, _validate_pattern, is_compiled, iter_modules, matches
 
 __all__ = ["Treatment", "CompressionConfig", "ActivationCompressor", "KINDS"]
 
@@ -317,12 +317,6 @@ def _is_parameter(t: torch.Tensor) -> bool:
     return isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter)
 
 
-def _is_compiled(model: nn.Module) -> bool:
-    if type(model).__name__ == "OptimizedModule" or hasattr(model, "_orig_mod"):
-        return True
-    return any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
-
-
 class ActivationCompressor:
     """Installs the scoped hooks on a model.
 
@@ -344,7 +338,7 @@ class ActivationCompressor:
     """
 
     def __init__(self, model: nn.Module, config: CompressionConfig | None = None):
-        if _is_compiled(model):
+        if is_compiled(model):
             raise SlimFitError(
                 "activation compression uses saved-tensor hooks, which torch.compile runs all at "
                 "once at the end of the forward (pytorch #148222): nothing would be saved. Compress "

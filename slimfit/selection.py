@@ -41,6 +41,14 @@ def iter_modules(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool] |
             yield name, mod
 
 
+def is_compiled(model: nn.Module) -> bool:
+    """True if ``model`` or a submodule went through ``torch.compile`` (saved-tensor
+    hooks, which compression and weight streaming rely on, do not work there)."""
+    if type(model).__name__ == "OptimizedModule" or hasattr(model, "_orig_mod"):
+        return True
+    return any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+
+
 def iter_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter, nn.Module]]:
     """Yield ``(qualified_name, parameter, owning_module)`` once per parameter."""
     seen: set[int] = set()

@@ -48,7 +48,7 @@ from torch import nn
 
 from slimfit.errors import SelectionError, SlimFitError, UnsupportedSetupError
 from slimfit.ledger import format_bytes, storage_identity
-from slimfit.selection import Pattern, _validate_pattern, iter_modules, matches
+from slimfit.selection import Pattern, _validate_pattern, is_compiled, iter_modules, matches
 
 __all__ = ["StreamConfig", "WeightStreamer", "default_stream_units"]
 
@@ -202,6 +202,9 @@ class WeightStreamer:
     Raises:
         SelectionError: ``units`` matched no module, the model has no stream
             units, or units nest.
+        SlimFitError: the model is ``torch.compile``-d.
+        UnsupportedSetupError: (at ``install``) a process group of more than
+            one process is running.
 
     Example:
         >>> m = nn.Sequential(*[nn.Linear(4, 4) for _ in range(4)])
@@ -214,6 +217,12 @@ class WeightStreamer:
     """
 
     def __init__(self, model: nn.Module, config: StreamConfig | None = None):
+        if is_compiled(model):
+            raise SlimFitError(
+                "weight streaming fetches a block's weights back for backward through "
+                "saved-tensor hooks, which torch.compile runs all at once at the end of the "
+                "forward (pytorch #148222): backward would read evicted weights. Stream the "
+                "uncompiled model, or drop stream_weights under torch.compile.")
         self.model = model
         self.config = config or StreamConfig()
         names = self._select_units()

@@ -387,3 +387,8 @@ def test_memory_mapped_weights_stream_and_are_never_quantized():
     got, st = run(True)
     assert st.stats["bytes_in"] > 0
     assert_same_state(got, ref)
+
+
+def test_compiled_model_is_refused():
+    with pytest.raises(SlimFitError, match="torch.compile runs all at once"):
+        WeightStreamer(torch.compile(deep_bert(2)))
