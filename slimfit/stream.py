@@ -21,20 +21,24 @@ weight (a Linear saves ``weight``, some ops a view of it) point at the same
 storage, so they see the refilled bytes. Saved-tensor hooks scoped to each unit
 replace a saved weight by a small reference; unpacking it in backward fetches
 the unit (if a prefetch has not already), which is the exact moment the weight
-is needed, whatever op saved it. Other saved tensors go on to the hooks outside
-(the ledger, ``save_on_cpu``, compression). A weight changed on the device (it
-was trained last step, or ``load_state_dict`` wrote it) is copied back to its
-master before it is evicted: detected by its version counter, so nothing is
-written back needlessly and nothing stale is ever fetched.
+is needed, whatever op saved it. Other saved tensors (compressed by SlimFit's
+compression scopes inside a block, or not) go on to the hooks outside (the
+ledger, activation offload). A weight changed on the device
+(trained last step, or written by ``load_state_dict``) is copied back to its
+master before it is evicted: detected by its version counter, or because it
+required grad since the last write-back (bitsandbytes' optimizers write
+through raw pointers and bump no version), so nothing stale is ever fetched.
 
 Limits: one process (no DDP: the strategy's hooks and broadcasts expect
-resident weights); the model must not be moved (``.to``) once streaming; a
-block may use only its own frozen weights in its forward (a use seen from
-another block is refused with an error); code that reads a streamed weight
-outside a forward pass must do so inside :meth:`WeightStreamer.gathered`
-(``state_dict`` and ``load_state_dict`` are handled). On a machine without CUDA the copies are host-to-host and
-synchronous: the bookkeeping, residency limits and exactness are the same,
-the memory is not saved.
+resident weights); no ``torch.compile``; the model must not be moved (``.to``)
+once streaming; a block may use only its own frozen weights in its forward (a
+use seen from another block is refused with an error); code that reads a
+streamed weight outside a forward pass must do so inside
+:meth:`WeightStreamer.gathered` (``state_dict`` and ``load_state_dict`` are
+handled: an evicted weight appears in the state dict as its host copy). On a
+machine without CUDA the copies are host-to-host and synchronous: the
+bookkeeping, residency limits and exactness are the same, the memory is not
+saved.
 """
 
 from __future__ import annotations
