@@ -38,7 +38,7 @@ from slimfit.callbacks.checks import (check_fit_start, check_single_process, che
 from slimfit.compress import ActivationCompressor, CompressionConfig
 from slimfit.config import SlimFitConfig
 from slimfit.freezer import LayerFreezer
-from slimfit.offload import OptimizerStateOffloader, activation_offload
+from slimfit.offload import ActivationOffloader, OptimizerStateOffloader
 from slimfit.planner import (Plan, build_plan, default_candidates, optimizer_like, parse_budget,
                              plan_for_budget)
 from slimfit.selection import Pattern
@@ -129,7 +129,8 @@ class SlimFit(pl.Callback):
         self.offload_optimizer_state = offload_optimizer_state
         self.offload_activations = offload_activations
         self.offloader: OptimizerStateOffloader | None = None
-        self._act_offload: Any = None
+        self._act_offloader: ActivationOffloader | None = None  # built once: one side stream
+        self._act_active = False
         self.memory_budget = None if memory_budget is None else parse_budget(memory_budget)
         self.plan: Plan | None = None
         self.log_every_n_steps = log_every_n_steps
@@ -209,8 +210,11 @@ class SlimFit(pl.Callback):
         if self.streamer is not None:
             self.streamer.sync()  # weights frozen from this step on may leave the device
         if self.offload_activations:
-            self._act_offload = activation_offload(pl_module)  # weights are not copied
-            self._act_offload.__enter__()
+            if self._act_offloader is None and torch.cuda.is_available():  # no-op on CPU
+                self._act_offloader = ActivationOffloader(pl_module)  # weights are not copied
+            if self._act_offloader is not None:
+                self._act_offloader.__enter__()
+                self._act_active = True
         self._open_step = trainer.global_step
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
@@ -220,9 +224,9 @@ class SlimFit(pl.Callback):
         self.freezer.before_optimizer_step(optimizer)
 
     def _end_activation_offload(self) -> None:
-        if self._act_offload is not None:
-            self._act_offload.__exit__(None, None, None)
-            self._act_offload = None
+        if self._act_active:
+            self._act_offloader.__exit__(None, None, None)
+            self._act_active = False
 
     def offloaded_storage_keys(self) -> set:
         """Optimizer state held in host memory, for the memory ledger."""

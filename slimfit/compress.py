@@ -34,12 +34,13 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Mapping
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from slimfit.errors import SelectionError, SlimFitError
+from slimfit.hooks import ScopedHooks, is_parameter_or_view
 from slimfit.ledger import storage_identity
 from slimfit.quantize import (SUPPORTED_BITS, dequantize, pack_bool, quantize, topk_prune,
                               topk_restore, unpack_bool)
@@ -212,19 +213,11 @@ class _Packed:
         self.kind, self.meta, self.pieces = kind, meta, pieces
 
 
-def _top_hooks():
-    try:
-        return torch._C._autograd._top_saved_tensors_default_hooks(False)
-    except (AttributeError, RuntimeError):  # pragma: no cover - older torch
-        return None
-
-
-class _Scope:
+class _Scope(ScopedHooks):
     """Pack/unpack pair of one kind; pushed while a module of that kind runs."""
 
     def __init__(self, kind: str, treatment: Treatment | None, compressor: "ActivationCompressor"):
         self.kind, self.treatment, self.compressor = kind, treatment, compressor
-        self.outer: tuple[Callable, Callable] | None = None
         # One tensor saved by two ops (softmax output saved by softmax and by
         # the next matmul) is stored once. Keys are storage addresses, so the
         # original is held until the module's forward returns: no address can
@@ -232,35 +225,21 @@ class _Scope:
         # one module's uncompressed saves, transiently.
         self._cache: dict[Any, tuple[_Packed, torch.Tensor]] = {}
 
-    # Scopes nest like modules; each chains to the nearest non-SlimFit hooks.
-    def push(self) -> None:
-        top = _top_hooks()
-        owner = getattr(top[0], "__self__", None) if top else None
-        self.outer = owner.outer if isinstance(owner, _Scope) else top
-        torch._C._autograd._push_saved_tensors_default_hooks(self.pack, self.unpack)
-
     def pop(self) -> None:
-        torch._C._autograd._pop_saved_tensors_default_hooks()
+        super().pop()
         self._cache.clear()
-
-    def _out(self, t: torch.Tensor) -> Any:
-        # detach: a saved output must not hold its own grad_fn (reference cycle)
-        return self.outer[0](t) if self.outer else t.detach()
-
-    def _in(self, obj: Any) -> torch.Tensor:
-        return self.outer[1](obj) if self.outer else obj
 
     def pack(self, t: torch.Tensor) -> Any:
         c = self.compressor
         storage = storage_identity(t)
-        if storage in c._param_storages or _is_parameter(t) or t.numel() < c.config.min_numel:
-            return ("raw", self._out(t))
+        if storage in c._param_storages or is_parameter_or_view(t) or t.numel() < c.config.min_numel:
+            return ("raw", self.pack_outer(t))
         key = (storage, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t._version)
         hit = self._cache.get(key, (None,))[0]
         if hit is None:
             hit = self._compress(t)
             if hit is None:
-                return ("raw", self._out(t))
+                return ("raw", self.pack_outer(t))
             self._cache[key] = (hit, t)
         return hit
 
@@ -271,7 +250,7 @@ class _Scope:
             if not cfg.dropout_mask:
                 return None
             packed, shape = pack_bool(t)
-            return _Packed("bool", shape, [self._out(packed)])
+            return _Packed("bool", shape, [self.pack_outer(packed)])
         if not t.is_floating_point():
             return None
         if cfg.dropout_mask and self.kind in ("attention", "dropout_mask") and not t.requires_grad:
@@ -282,21 +261,21 @@ class _Scope:
             if bool(((t == 0) | (t == scale)).all()):
                 packed, shape = pack_bool(t != 0)
                 return _Packed("mask", (shape, t.dtype),
-                               [self._out(packed), self._out(scale.reshape(1))])
+                               [self.pack_outer(packed), self.pack_outer(scale.reshape(1))])
         tr = self.treatment
         if tr is None or tr.method == "none":
             return None
         x = t.detach()
         if tr.method == "topk":
             z = topk_prune(x, tr.topk_fraction)
-            return _Packed("topk", z, [self._out(p) for p in z.tensors()])
+            return _Packed("topk", z, [self.pack_outer(p) for p in z.tensors()])
         q = quantize(x, bits=tr.bits, group_size=tr.group_size, stochastic=tr.stochastic)
-        return _Packed("q", q, [self._out(p) for p in q.tensors()])
+        return _Packed("q", q, [self.pack_outer(p) for p in q.tensors()])
 
     def unpack(self, obj: Any) -> torch.Tensor:
         if isinstance(obj, tuple):
-            return self._in(obj[1])
-        pieces = [self._in(p) for p in obj.pieces]
+            return self.unpack_outer(obj[1])
+        pieces = [self.unpack_outer(p) for p in obj.pieces]
         if obj.kind == "bool":
             return unpack_bool(pieces[0], obj.meta)
         if obj.kind == "mask":
@@ -308,13 +287,6 @@ class _Scope:
             return topk_restore(meta)
         meta.codes, meta.zero, meta.scale = pieces
         return dequantize(meta)
-
-
-def _is_parameter(t: torch.Tensor) -> bool:
-    """A parameter or a view of one (a Linear saves ``weight.t()``), whatever its
-    storage is now: a weight whose storage was replaced after install (weight
-    streaming gives memory-mapped weights their own) must never be quantized."""
-    return isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter)
 
 
 class ActivationCompressor:

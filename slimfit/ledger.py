@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from slimfit.errors import SlimFitError
+from slimfit.hooks import top_saved_tensors_hooks
 
 __all__ = [
     "CATEGORIES",
@@ -370,6 +371,16 @@ class _Saved:
         self.tracker._release(self.key)
 
 
+class _Passed:
+    """A saved tensor the tracker does not count: a parameter or buffer, or one
+    the hooks outside it moved off the device (activation offload)."""
+
+    __slots__ = ("packed",)
+
+    def __init__(self, packed: Any):
+        self.packed = packed
+
+
 class SavedTensorTracker:
     """Counts the live bytes of tensors saved for backward, with their peak.
 
@@ -401,6 +412,7 @@ class SavedTensorTracker:
         self._excluded: set = set()
         self._handles: list[Any] = []
         self._hooks_cm: contextlib.AbstractContextManager | None = None
+        self._outer: tuple[Callable, Callable] | None = None
 
     # -- context -----------------------------------------------------------
     def __enter__(self) -> "SavedTensorTracker":
@@ -416,6 +428,10 @@ class SavedTensorTracker:
         for name, mod in _module_names(self.model):
             self._handles.append(mod.register_forward_pre_hook(self._make_pre(name)))
             self._handles.append(mod.register_forward_hook(self._post, always_call=True))
+        # hooks already active (activation offload entered first) keep working:
+        # every saved tensor goes on to them, and what they move off the device
+        # is not counted, whichever was entered first
+        self._outer = top_saved_tensors_hooks()
         self._hooks_cm = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._hooks_cm.__enter__()
         return self
@@ -446,8 +462,10 @@ class SavedTensorTracker:
 
     # -- saved tensor hooks -------------------------------------------------
     def _pack(self, t: torch.Tensor) -> Any:
-        if storage_identity(t) in self._excluded:
-            return t
+        packed = self._outer[0](t) if self._outer else t
+        sid = storage_identity(t)
+        if sid in self._excluded or not torch.is_tensor(packed) or storage_identity(packed) != sid:
+            return _Passed(packed)
         key, nbytes = storage_key(t)
         n = self._refs.get(key, 0)
         self._refs[key] = n + 1
@@ -460,11 +478,12 @@ class SavedTensorTracker:
             if self.live > self.peak:
                 self.peak = self.live
                 self._snapshot_due = True
-        return _Saved(t.detach(), key, self)  # detach: no cycle through grad_fn
+        # detach: no cycle through grad_fn
+        return _Saved(packed.detach() if packed is t else packed, key, self)
 
-    @staticmethod
-    def _unpack(obj: Any) -> torch.Tensor:
-        return obj.tensor if isinstance(obj, _Saved) else obj
+    def _unpack(self, obj: Any) -> torch.Tensor:
+        inner = obj.packed if isinstance(obj, _Passed) else obj.tensor
+        return self._outer[1](inner) if self._outer else inner
 
     def _release(self, key: Any) -> None:
         n = self._refs.get(key, 0) - 1

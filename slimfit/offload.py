@@ -26,6 +26,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
+from slimfit.hooks import is_parameter_or_view
 from slimfit.ledger import storage_identity, storage_key
 
 __all__ = ["ActivationOffloader", "OptimizerStateOffloader", "activation_offload"]
@@ -213,7 +214,7 @@ class ActivationOffloader:
     def pack(self, t: torch.Tensor) -> Any:
         nbytes = t.numel() * t.element_size()
         if (not t.is_cuda and not self.force) or nbytes < self.min_bytes or t.layout != torch.strided \
-                or storage_identity(t) in self._skip:
+                or is_parameter_or_view(t) or storage_identity(t) in self._skip:
             return t
         host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self.pin_memory)
         copied = None

@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from slimfit.errors import SelectionError, SlimFitError, UnsupportedSetupError
+from slimfit.hooks import ScopedHooks
 from slimfit.ledger import format_bytes, storage_identity
 from slimfit.selection import Pattern, _validate_pattern, is_compiled, iter_modules, matches
 
@@ -156,24 +157,11 @@ class _Ref:
         self.unit, self.tensor = unit, tensor
 
 
-class _Scope:
+class _Scope(ScopedHooks):
     """Saved-tensor hooks pushed while one unit's forward runs."""
 
     def __init__(self, streamer: "WeightStreamer", unit: int):
         self.streamer, self.unit = streamer, unit
-        self.outer: tuple | None = None
-
-    def push(self) -> None:
-        try:
-            top = torch._C._autograd._top_saved_tensors_default_hooks(False)
-        except (AttributeError, RuntimeError):  # pragma: no cover - older torch
-            top = None
-        owner = getattr(top[0], "__self__", None) if top else None
-        self.outer = owner.outer if isinstance(owner, _Scope) else top
-        torch._C._autograd._push_saved_tensors_default_hooks(self.pack, self.unpack)
-
-    def pop(self) -> None:
-        torch._C._autograd._pop_saved_tensors_default_hooks()
 
     def pack(self, t: torch.Tensor) -> Any:
         hit = self.streamer._by_storage.get(storage_identity(t))
@@ -186,14 +174,13 @@ class _Scope:
                     "own weights. Stream coarser units (StreamConfig(units=...)) so both are in "
                     "one, or leave these modules out of the units.")
             return _Ref(hit[0], t.detach())  # no bytes held: the storage is resized in place
-        # detach: a saved output must not hold its own grad_fn (reference cycle)
-        return ("o", self.outer[0](t) if self.outer else t.detach())
+        return ("o", self.pack_outer(t))
 
     def unpack(self, obj: Any) -> torch.Tensor:
         if isinstance(obj, _Ref):
             self.streamer._use(obj.unit, direction=-1)
             return obj.tensor
-        return self.outer[1](obj[1]) if self.outer else obj[1]
+        return self.unpack_outer(obj[1])
 
 
 class WeightStreamer:
