@@ -465,7 +465,7 @@ class SavedTensorTracker:
         packed = self._outer[0](t) if self._outer else t
         sid = storage_identity(t)
         if sid in self._excluded or not torch.is_tensor(packed) or storage_identity(packed) != sid:
-            return _Passed(packed)
+            return _Passed(packed.detach() if packed is t else packed)
         key, nbytes = storage_key(t)
         n = self._refs.get(key, 0)
         self._refs[key] = n + 1

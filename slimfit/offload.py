@@ -162,17 +162,19 @@ class ActivationOffloader:
     produced the tensor (the compute stream runs on); the device tensor is
     recorded on that stream so its memory is reused only once the copy ran;
     backward waits for the copy's event, then copies back on the compute
-    stream. Parameters and buffers of ``model`` stay where they are (stored by
-    reference, as without hooks), and so do tensors under ``min_bytes``.
+    stream. Parameters (and views of them) and the buffers of ``model`` stay
+    where they are (stored by reference, as without hooks), and so do tensors
+    under ``min_bytes``.
 
-    Hooks active outside (the ledger) see nothing of what moved: the device
-    holds it only transiently. Hooks inside (SlimFit compression, weight
-    streaming) hand their compressed pieces here, so compressed bytes move.
+    The ledger, entered inside or outside this context, counts nothing of what
+    moved (the device holds it only until the copy ran). Hooks inside (SlimFit
+    compression, weight streaming) hand their compressed pieces here, so
+    compressed bytes move.
     Without CUDA, tensors stay put unless ``force_host_copy`` (tests: the same
     bookkeeping with host-to-host copies).
 
     Args:
-        model: whose parameters and buffers are never copied (None: copy all).
+        model: whose buffers are not copied either (parameters never are).
         pin_memory: page-locked host buffers (needed for asynchronous copies).
         min_bytes: smaller saved tensors are kept on the device (default 64 KiB:
             a copy, a pinned buffer and an event per tiny tensor cost more
@@ -215,7 +217,7 @@ class ActivationOffloader:
         nbytes = t.numel() * t.element_size()
         if (not t.is_cuda and not self.force) or nbytes < self.min_bytes or t.layout != torch.strided \
                 or is_parameter_or_view(t) or storage_identity(t) in self._skip:
-            return t
+            return t.detach()  # kept by reference; detach: an output must not hold its grad_fn
         host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self.pin_memory)
         copied = None
         if t.is_cuda:
