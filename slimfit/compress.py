@@ -20,7 +20,7 @@ to be exactly two-valued) are bit-packed losslessly; other floating tensors
 get the kind's treatment. The innermost scope wins (a Linear
 inside an attention block uses the Linear's rule), and each scope forwards
 what it stores to the hooks that were active outside SlimFit's scopes (the
-memory ledger, ``save_on_cpu`` offload), so the ledger counts compressed
+memory ledger, activation offload; ``slimfit.hooks``), so the ledger counts compressed
 bytes and offload moves them.
 
 Fused attention (``sdpa``/flash in HF, ``fused_attn`` in timm) never stores
