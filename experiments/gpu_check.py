@@ -43,11 +43,6 @@ from slimfit.stream import StreamConfig, WeightStreamer
 ARMS = ("full", "slimfit", "slimfit+8bit", "slimfit+offload", "slimfit+stream", "planner")
 
 
-def _step(case, opt, freezer, off, act_off, measure=False, streamer=None):
-    return train_step(case, opt, freezer, measure=measure, offloader=off,
-                      offload_activations=act_off, streamer=streamer)
-
-
 DEVICE = "cuda"
 
 
@@ -88,7 +83,8 @@ def run_arm(args, model_name, bs, arm, full_peak):
         case.batch = small
 
     def step(measure=False):
-        return _step(case, opt, freezer, off, act_off, measure, streamer)
+        return train_step(case, opt, freezer, measure=measure, offloader=off,
+                          offload_activations=act_off, streamer=streamer)
 
     while freezer is not None and not freezer.scheduler.initial_pass_done:
         step()

@@ -196,9 +196,8 @@ class ActivationOffloader:
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.min_bytes = min_bytes
         self.force = force_host_copy
-        self._skip = set()
-        if model is not None:
-            self._skip = {storage_identity(t) for t in (*model.parameters(), *model.buffers())}
+        # parameters are recognised by type in pack; buffers need their storages
+        self._skip = {storage_identity(b) for b in model.buffers()} if model is not None else set()
         self._stream = torch.cuda.Stream() if torch.cuda.is_available() else None
         self._hooks: Any = None
         self.copies = 0

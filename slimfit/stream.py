@@ -291,15 +291,13 @@ class WeightStreamer:
         pin = self.config.pin_memory
         self.units, self._clock, self._current = [], 0, None
         self.resident_bytes = self.peak_resident_bytes = 0
-        specs = [(n, m, ps) for n, m, ps in self._specs]
-        devices = {p.device for _, _, ps in specs for _, p in ps}
-        self._cuda = any(d.type == "cuda" for d in devices)
+        self._cuda = any(p.is_cuda for _, _, ps in self._specs for _, p in ps)
         pin = self._cuda if pin is None else pin
         if pin and not torch.cuda.is_available():
             raise SlimFitError("StreamConfig.pin_memory=True needs CUDA (page-locked memory is a "
                                "CUDA facility); leave it None on this machine.")
         self._stream = torch.cuda.Stream() if self._cuda else None
-        for i, (name, mod, params) in enumerate(specs):
+        for i, (name, mod, params) in enumerate(self._specs):
             tensors = []
             for full, p in params:
                 if not p.untyped_storage().resizable():
@@ -435,7 +433,7 @@ class WeightStreamer:
                     self.resident_bytes += t.nbytes
                     self.stats["bytes_in"] += t.nbytes
                 if stream is not None:
-                    unit.ready = torch.cuda.Event()
+                    unit.ready = unit.ready or torch.cuda.Event()  # one event per unit, re-recorded
                     unit.ready.record(stream)
             self.stats["fetches"] += 1
             self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
@@ -459,7 +457,7 @@ class WeightStreamer:
             if t.trained or p._version != t.version:  # trained or loaded since the last write
                 t.master.copy_(p.detach(), non_blocking=self._cuda)  # D2H, compute stream
                 if self._cuda:
-                    t.written = torch.cuda.Event()
+                    t.written = t.written or torch.cuda.Event()  # one per tensor, re-recorded
                     t.written.record(torch.cuda.current_stream())
                 t.version, t.trained = p._version, False
                 self.stats["write_backs"] += 1
