@@ -32,8 +32,10 @@ def check_strategy(strategy: Any) -> None:
         kw = getattr(strategy, "_ddp_kwargs", {})
         if not kw.get("find_unused_parameters", False):
             raise UnsupportedSetupError(
-                "SlimFit under DDP needs find_unused_parameters=True (frozen layers produce no "
-                "gradient, and DDP otherwise fails with 'Expected to have finished reduction'). "
+                "SlimFit under DDP needs find_unused_parameters=True, got "
+                f"{type(strategy).__name__}(find_unused_parameters="
+                f"{kw.get('find_unused_parameters', False)!r}): frozen layers produce no "
+                "gradient, and DDP otherwise fails with 'Expected to have finished reduction'. "
                 "Use Trainer(strategy='ddp_find_unused_parameters_true') (or "
                 "'ddp_spawn_find_unused_parameters_true'), or "
                 "DDPStrategy(find_unused_parameters=True).")

@@ -18,9 +18,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from slimfit.ledger import (MemoryReport, SavedTensorTracker, count_gradients,
-                            count_optimizer_state, cuda_peak, build_report)
+from slimfit.ledger import build_report, count_gradients, count_optimizer_state, cuda_peak
 from slimfit.memory_files import write_memory_files
+from slimfit.report import MemoryReport
+from slimfit.tracker import SavedTensorTracker
+from slimfit.session import SlimFitSession
+from slimfit.stream import WeightStreamer
 
 __all__ = ["MemoryMonitor"]
 
@@ -38,7 +41,8 @@ class MemoryMonitor(pl.Callback):
         prefix: prefix of the logged scalar names.
 
     Raises:
-        ValueError: ``every_n_steps`` is not a positive int, or ``depth`` < 1.
+        ValueError: ``every_n_steps`` is not a positive int, ``depth`` is not None
+            or an int >= 1, or ``prefix`` is not a string.
     """
 
     def __init__(self, *, every_n_steps: int = 50, output_dir: str | None = None,
@@ -46,8 +50,11 @@ class MemoryMonitor(pl.Callback):
         if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps < 1:
             raise ValueError(f"every_n_steps must be a positive int, got {every_n_steps!r}; "
                              "use 1 to measure every optimizer step.")
-        if depth is not None and (not isinstance(depth, int) or depth < 1):
+        if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int)
+                                  or depth < 1):
             raise ValueError(f"depth must be None or an int >= 1, got {depth!r}.")
+        if not isinstance(prefix, str):
+            raise ValueError(f"prefix must be a string such as 'memory/', got {prefix!r}.")
         self.every_n_steps = every_n_steps
         self.output_dir = output_dir
         self.depth = depth
@@ -82,8 +89,8 @@ class MemoryMonitor(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self._tracker is None or self._grads is None:
             return  # not measuring, or a micro-batch inside an accumulation window
-        host = set().union(*(c.offloaded_storage_keys() for c in trainer.callbacks
-                             if hasattr(c, "offloaded_storage_keys")))
+        session = _session(trainer)
+        host = session.host_storage_keys() if session is not None else set()
         optim = count_optimizer_state(pl_module, trainer.optimizers, host)
         self._cuda_cm.__exit__(None, None, None)
         report = build_report(pl_module, self._tracker, self._grads, optim, cuda=self._cuda_box[0],
@@ -115,6 +122,14 @@ class MemoryMonitor(pl.Callback):
         self._reset()
 
 
-def _streamer(trainer) -> Any:
+def _session(trainer) -> SlimFitSession | None:
+    """The running session of the run's SlimFit callback, if any."""
+    from slimfit.callbacks.slimfit import SlimFit  # a sibling module, imported when needed
+    return next((c.session for c in trainer.callbacks
+                 if isinstance(c, SlimFit) and c.session is not None), None)
+
+
+def _streamer(trainer) -> WeightStreamer | None:
     """The weight streamer of the run (SlimFit's ``stream_weights``), if any."""
-    return next((c.streamer for c in trainer.callbacks if getattr(c, "streamer", None)), None)
+    session = _session(trainer)
+    return session.streamer if session is not None else None

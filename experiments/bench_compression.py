@@ -10,7 +10,9 @@ Examples:
     python -m slimfit.experiments.bench_compression --model bert-base --batch-sizes 8 32 \
         --extrapolate 128 --arms full slimfit+compress +offload +stream
 
-Each arm uses a fresh model (same seed) and AdamW. The SlimFit arms first run
+Each arm uses a fresh model (same seed), loaded with SDPA attention as
+transformers and timm do by default (``--attn eager`` for the eager model,
+whose probabilities compression can see), and AdamW. The SlimFit arms first run
 their initial pass at batch 2 (every unit trained once, so AdamW state exists
 for every tensor, as in a long run; state size does not depend on the batch),
 then are timed at each batch size. Saved activations are exactly linear in
@@ -27,61 +29,25 @@ trainable tensor whose exact gradient is not numerically zero (norm above
 from __future__ import annotations
 
 import argparse
-import gc
 
-from slimfit.experiments.bench_cases import build_case, make_optimizer, timed_steps, train_step
 from slimfit.compress import ActivationCompressor, CompressionConfig, Treatment
-from slimfit.freezer import LayerFreezer
-from slimfit.ledger import format_bytes
-from slimfit.offload import OptimizerStateOffloader
-from slimfit.stream import StreamConfig, WeightStreamer
-
-ARMS = ("full", "slimfit", "slimfit+compress", "+offload", "+stream")
-# "+offload": slimfit+compress with the optimizer state of frozen units in host memory;
-# "+stream": that plus weight streaming (k=2 blocks resident, k'=1 prefetched)
+from slimfit.experiments.bench_cases import (ARMS, arm_config, build_case, extrapolation_table,
+                                             measure_method, memory_table)
+from slimfit.experiments.methods import Method
 
 
 def run_arm(args, arm, batch_sizes, comp_cfg):
-    case = build_case(args.model, 2, args.seq_len, args.image_size, args.device)
-    opt = make_optimizer("adamw", case.model)
-    freezer = comp = None
-    extra: dict = {}  # offloader / streamer for train_step
-    if arm != "full":
-        freezer = LayerFreezer(case.model, freeze_rate=args.freeze_rate, seed=0)
-    if arm in ("slimfit+compress", "+offload", "+stream"):
-        comp = ActivationCompressor(case.model, comp_cfg).install()
-    if arm in ("+offload", "+stream"):
-        extra["offloader"] = OptimizerStateOffloader(opt, [u.params for u in freezer.units])
-    if arm == "+stream":
-        extra["streamer"] = WeightStreamer(case.model, StreamConfig(resident=2, prefetch=1)).install()
-    while freezer is not None and not freezer.scheduler.initial_pass_done:
-        train_step(case, opt, freezer, **extra)
-    if freezer is None:
-        train_step(case, opt)  # AdamW state for every tensor
-    out = {}
-    for bs in batch_sizes:
-        big = build_case(args.model, bs, args.seq_len, args.image_size, args.device)
-        case.batch = big.batch
-        del big
-        train_step(case, opt, freezer, **extra)  # warm-up at this shape
-        t = timed_steps(case, opt, freezer, args.timed_steps, **extra)
-        out[bs] = (train_step(case, opt, freezer, measure=True, **extra), t)
-        print(f"  {arm:17s} batch {bs:4d}: total {format_bytes(out[bs][0].total):>11s}, activations "
-              f"{format_bytes(out[bs][0].activations):>11s}, step {out[bs][1]:.2f} s", flush=True)
-    desc = case.describe.rsplit(", batch", 1)[0]
-    if "streamer" in extra:
-        extra["streamer"].remove()
-    if comp is not None:
-        comp.remove()
-    del case, opt, freezer, extra
-    gc.collect()
-    return out, desc
+    """Benchmark arm ``arm`` (AdamW) at every batch size: a :class:`MethodRun`."""
+    method = Method(name=arm, session=arm_config(arm, args.freeze_rate, comp_cfg))
+    return measure_method(args.model, method, batch_sizes, seq_len=args.seq_len,
+                          image_size=args.image_size, device=args.device, attn=args.attn,
+                          timed=args.timed_steps, label=arm)
 
 
 def fidelity(args, comp_cfg):
     from torch.nn.functional import cosine_similarity
     bs = args.batch_sizes[0]
-    case = build_case(args.model, bs, args.seq_len, args.image_size, args.device)
+    case = build_case(args.model, bs, args.seq_len, args.image_size, args.device, args.attn)
     case.model.eval()  # no dropout: the two passes must see the same function
 
     def grads():
@@ -114,6 +80,9 @@ def main(argv=None):
     ap.add_argument("--freeze-rate", type=float, default=0.9)
     ap.add_argument("--timed-steps", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"],
+                    help="sdpa: as transformers/timm load models by default (compression leaves "
+                         "fused attention alone); eager: stores the probabilities, compressed")
     ap.add_argument("--layernorm", default="int8", choices=["int8", "topk", "none"])
     ap.add_argument("--gelu-bits", default="int4", choices=["int4", "int8"])
     ap.add_argument("--fidelity", action="store_true")
@@ -128,44 +97,18 @@ def main(argv=None):
     if "full" not in args.arms:
         ap.error("--arms must include 'full': every ratio is against full fine-tuning")
     arms = list(dict.fromkeys(args.arms))
-    results = {}
-    for arm in arms:
-        results[arm], desc = run_arm(args, arm, args.batch_sizes, cfg)
-    print(f"\n## {desc}, AdamW, SlimFit r={args.freeze_rate}; compression: attention int8, "
-          f"GELU {args.gelu_bits} (groups of 64), LayerNorm {args.layernorm}, FFN down input int8, "
-          "dropout masks bit-packed\n")
-    print("| batch | arm | params | grads | optimizer | activations | total | total vs full | "
-          "activations vs full | step time | time vs full |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for bs in args.batch_sizes:
-        f, tf = results["full"][bs]
-        for arm in arms:
-            r, t = results[arm][bs]
-            print(f"| {bs} | {arm} | {format_bytes(r.parameters)} | {format_bytes(r.gradients)} | "
-                  f"{format_bytes(r.optimizer_state)} | {format_bytes(r.activations)} | "
-                  f"{format_bytes(r.total)} | {f.total / r.total:.2f}x smaller | "
-                  f"{f.activations / r.activations:.2f}x smaller | {t:.2f} s | {t / tf:.2f} |")
+    arms.remove("full")
+    runs = [run_arm(args, arm, args.batch_sizes, cfg) for arm in ["full", *arms]]
+    print(f"\n## {runs[0].describe}, AdamW, SlimFit r={args.freeze_rate}; compression: attention "
+          f"int8, GELU {args.gelu_bits} (groups of 64), LayerNorm {args.layernorm}, FFN down input "
+          "int8, dropout masks bit-packed\n")
+    print("\n".join(f"- {n}" for r in runs for n in r.notes) + "\n")
+    print(memory_table(runs, args.batch_sizes))
     if args.extrapolate and len(args.batch_sizes) >= 2:
         bsz = args.batch_sizes
         print(f"\nExtrapolation to batch {args.extrapolate} (activations linear in batch: fit on "
               f"batches {bsz[0]} and {bsz[-1]}, residual at the other points shown):\n")
-        print("| arm | activations @%d | total @%d | total vs full | activations vs full | max residual |"
-              % (args.extrapolate, args.extrapolate))
-        print("|---|---:|---:|---:|---:|---:|")
-        ext = {}
-        for arm in arms:
-            pts = {b: results[arm][b][0] for b in bsz}
-            slope = (pts[bsz[-1]].activations - pts[bsz[0]].activations) / (bsz[-1] - bsz[0])
-            icpt = pts[bsz[0]].activations - slope * bsz[0]
-            resid = max(abs(icpt + slope * b - pts[b].activations) / pts[b].activations for b in bsz)
-            act = icpt + slope * args.extrapolate
-            r = pts[bsz[-1]]
-            ext[arm] = (act, r.parameters + r.gradients + r.optimizer_state + act, resid)
-        for arm in arms:
-            act, tot, resid = ext[arm]
-            print(f"| {arm} | {format_bytes(act)} | {format_bytes(tot)} | "
-                  f"{ext['full'][1] / tot:.2f}x smaller | {ext['full'][0] / act:.2f}x smaller | "
-                  f"{100 * resid:.3f}% |")
+        print(extrapolation_table(runs, bsz, args.extrapolate))
 
 
 if __name__ == "__main__":

@@ -14,17 +14,11 @@ units only) is transient and reported on its own row.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
-from slimfit.experiments.bench_cases import (CASES, build_case, make_optimizer, timed_steps,
-                                             train_step)
-from slimfit.freezer import LayerFreezer
-from slimfit.ledger import format_bytes
-
-
-def run_arm(case, optimizer, freezer, n_timed):
-    """Time ``n_timed`` optimizer steps, then measure one with the ledger."""
-    t = timed_steps(case, optimizer, freezer, n_timed)
-    return train_step(case, optimizer, freezer, measure=True), t
+from slimfit.experiments.bench_cases import (CASES, arm_config, build_case, make_optimizer,
+                                             start_session, timed_steps)
+from slimfit.report import format_bytes
 
 
 def main(argv=None) -> None:
@@ -44,17 +38,16 @@ def main(argv=None) -> None:
     for arm in ("full", "slimfit"):
         case = build_case(args.model, args.batch_size, args.seq_len, args.image_size, args.device)
         opt = make_optimizer(args.optimizer, case.model)
-        freezer = None
-        if arm == "slimfit":
-            freezer = LayerFreezer(case.model, freeze_rate=args.freeze_rate, seed=args.seed)
-            while not freezer.scheduler.initial_pass_done:  # every tensor trained once
-                train_step(case, opt, freezer)
+        cfg = arm_config(arm, args.freeze_rate)
+        if cfg.freezing is not None:
+            cfg = dataclasses.replace(cfg, freezing=dataclasses.replace(cfg.freezing, seed=args.seed))
+        session = start_session(case, opt, cfg)  # every tensor trained once: AdamW state exists
+        freezer = session.freezer
+        if freezer is not None:
             print(f"SlimFit initial pass done after {freezer.scheduler.step} steps, "
-                  f"{len(freezer.units)} units, "
-                  f"{freezer.num_frozen} frozen per step")
-        else:
-            train_step(case, opt)  # warm-up: AdamW state allocated
-        rep, t = run_arm(case, opt, freezer, args.timed_steps)
+                  f"{len(freezer.units)} units, {freezer.num_frozen} frozen per step")
+        t = timed_steps(case, session, args.timed_steps)
+        rep = session.step(case.loss, measure=True)
         snap = 0
         if freezer is not None:
             fz = set(freezer.history.matrix()[:, -1].nonzero()[0])

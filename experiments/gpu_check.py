@@ -32,15 +32,14 @@ import traceback
 
 import torch
 
-from slimfit.compress import ActivationCompressor
-from slimfit.experiments.bench_cases import build_case, make_optimizer, train_step
-from slimfit.freezer import LayerFreezer
-from slimfit.ledger import format_bytes
-from slimfit.offload import OptimizerStateOffloader
-from slimfit.planner import BudgetError, build_plan, optimizer_like, plan_for_budget
-from slimfit.stream import StreamConfig, WeightStreamer
+from slimfit.experiments.bench_cases import arm_config, build_case, make_optimizer, start_session
+from slimfit.report import format_bytes
+from slimfit.planner import BudgetError, optimizer_like, plan_for_budget
 
-ARMS = ("full", "slimfit", "slimfit+8bit", "slimfit+offload", "slimfit+stream", "planner")
+#: this check's arms -> the shared benchmark arms they run (``planner``: the plan's config)
+ARM_CONFIG = {"full": "full", "slimfit": "slimfit+compress", "slimfit+8bit": "slimfit+compress",
+              "slimfit+offload": "+offload+act", "slimfit+stream": "+stream+act"}
+ARMS = (*ARM_CONFIG, "planner")
 
 
 DEVICE = "cuda"
@@ -59,47 +58,29 @@ def _sync():
 def run_arm(args, model_name, bs, arm, full_peak):
     case = build_case(model_name, 2, device=DEVICE)
     opt = make_optimizer("adamw8bit" if arm == "slimfit+8bit" else "adamw", case.model)
-    freezer = comp = off = streamer = None
-    act_off = False
     plan_txt = ""
-    if arm in ("slimfit", "slimfit+8bit", "slimfit+offload", "slimfit+stream"):
-        freezer = LayerFreezer(case.model, freeze_rate=0.9)
-        comp = ActivationCompressor(case.model).install()
-        if arm in ("slimfit+offload", "slimfit+stream"):
-            off = OptimizerStateOffloader(opt, [u.params for u in freezer.units])
-            act_off = True
-        if arm == "slimfit+stream":
-            streamer = WeightStreamer(case.model, StreamConfig(resident=2, prefetch=1)).install()
-    elif arm == "planner":
+    if arm == "planner":
         small = case.batch
         case.batch = cuda_batch(model_name, bs)
         budget = int(full_peak * args.budget_fraction)
         plan = plan_for_budget(case.model, optimizer_like(opt), case.loss, budget)
         plan_txt = plan.describe()
-        freezer, comp, off, stream = build_plan(plan, case.model, opt)
-        if stream is not None:
-            streamer = WeightStreamer(case.model, stream).install()
-        act_off = plan.candidate.offload_activations
+        config = plan.config
         case.batch = small
-
-    def step(measure=False):
-        return train_step(case, opt, freezer, measure=measure, offloader=off,
-                          offload_activations=act_off, streamer=streamer)
-
-    while freezer is not None and not freezer.scheduler.initial_pass_done:
-        step()
-    if freezer is None:
-        step()
+    else:
+        config = arm_config(ARM_CONFIG[arm])
+    session = start_session(case, opt, config)  # every tensor trained once, at batch 2
     case.batch = cuda_batch(model_name, bs)
-    step()  # warm-up at this shape
+    session.step(case.loss)  # warm-up at this shape
     _sync()
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    streamer = session.streamer
     if streamer is not None:
         streamer.stats = dict.fromkeys(streamer.stats, 0)  # count the timed steps only
     t0 = time.perf_counter()
     for _ in range(args.steps):
-        step()
+        session.step(case.loss)
     _sync()
     dt = (time.perf_counter() - t0) / args.steps
     if streamer is not None:
@@ -108,13 +89,10 @@ def run_arm(args, model_name, bs, arm, full_peak):
             f"streaming: {st['hits']} prefetched uses, {st['late']} of them still copying, "
             f"{st['on_demand']} on demand; {format_bytes(st['bytes_in'] / args.steps)} in and "
             f"{format_bytes(st['bytes_out'] / args.steps)} written back per step")
-    rep = step(measure=True)
+    rep = session.step(case.loss, measure=True)
     # --device cpu (a smoke test of this script): the ledger stands in for the allocator
     peak = torch.cuda.max_memory_allocated() if DEVICE == "cuda" else rep.total
-    if streamer is not None:
-        streamer.remove()
-    if comp is not None:
-        comp.remove()
+    session.stop()
     return peak, dt, rep, plan_txt  # the arm's model and state are freed by the caller
 
 

@@ -3,8 +3,11 @@ table and plots.
 
     python -m slimfit.experiments.report runs/sweeps/20261126-120000 --out reports/freeze_sweep
 
-Rows group runs by task, model, method, freezing rate and compression; they
-show validation accuracy (mean, standard deviation, number of seeds), the
+Rows group runs by task, model and method as run (the ``method`` group's
+transform and optimizer with SlimFit's freezing rate and compression:
+``results.json``'s ``method_label``; runs written before the method group
+are labelled from their freezing rate and compression); they show the
+``method=`` name, validation accuracy (mean, standard deviation, number of seeds), the
 ledger's memory breakdown (mean over seeds), step time, and ratios against
 the full fine-tuning row of the same task and model (SlimFit at rate 0 trains
 every tensor every step, so it serves as the baseline when no ``full`` run
@@ -20,7 +23,7 @@ import pathlib
 import statistics
 from typing import Any
 
-from slimfit.ledger import CATEGORIES
+from slimfit.report import CATEGORIES
 
 
 def load_runs(root: str | pathlib.Path) -> list[dict[str, Any]]:
@@ -38,25 +41,36 @@ def load_runs(root: str | pathlib.Path) -> list[dict[str, Any]]:
     return runs
 
 
+FULL = "full fine-tuning"
+
+
 def _label(r: dict) -> str:
-    if r["method"] == "full":
-        return "full fine-tuning"
+    if r.get("method_label"):
+        return r["method_label"]
+    if r["method"] == "full":  # a run from before the method group
+        return FULL
     return f"SlimFit r={r['freeze_rate']:g}" + (" + compression" if r["compression"] else "")
 
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
-        key = (r["task"], r["model"], r["method"] == "full", r["freeze_rate"], r["compression"])
-        groups.setdefault(key, []).append(r)
+        groups.setdefault((r["task"], r["model"], _label(r)), []).append(r)
     rows = []
-    for (task, model, _, rate, comp), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], not kv[0][2], kv[0][3], kv[0][4])):
+
+    def order(kv):  # per task and model: full fine-tuning first, then by freezing rate, label
+        (task, model, label), rs = kv
+        return task, model, label != FULL, rs[0]["freeze_rate"], label
+
+    for (task, model, label), rs in sorted(groups.items(), key=order):
+        rate = rs[0]["freeze_rate"]
         accs = [x["val_acc"] for x in rs if x["val_acc"] is not None]
         times = [x["step_time_s"] for x in rs if x.get("step_time_s")]
         mems = [x["memory"] for x in rs if x.get("memory")]
         mem = {c: statistics.mean(m[c] for m in mems) for c in (*CATEGORIES, "total")} if mems else None
-        rows.append({"task": task, "model": model, "label": _label(rs[0]), "rate": rate,
-                     "full": rs[0]["method"] == "full", "n": len(rs),
+        rows.append({"task": task, "model": model, "label": label, "rate": rate,
+                     "name": " ".join(sorted({str(x["method"]) for x in rs})),
+                     "full": label == FULL, "n": len(rs),
                      "acc_mean": statistics.mean(accs) if accs else None,
                      "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                      "step_time": statistics.mean(times) if times else None, "memory": mem,
@@ -72,9 +86,10 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     mib = lambda b: f"{b / 2**20:.0f}"  # noqa: E731
-    lines = ["| task | model | method | seeds | val acc % (mean ± std) | params MiB | grads MiB | "
-             "optimizer MiB | activations MiB | total MiB | total vs full | step s | time vs full |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| task | model | method | name | seeds | val acc % (mean ± std) | params MiB | "
+             "grads MiB | optimizer MiB | activations MiB | total MiB | total vs full | step s | "
+             "time vs full |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         m, b = r["memory"], r["base"]
         acc = f"{100 * r['acc_mean']:.2f} ± {100 * r['acc_std']:.2f}" if r["acc_mean"] is not None else "-"
@@ -84,7 +99,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         t = f"{r['step_time']:.2f}" if r["step_time"] else "-"
         tr = (f"{r['step_time'] / b['step_time']:.2f}" if r["step_time"] and b and b["step_time"]
               else "-")
-        lines.append(f"| {r['task']} | {r['model']} | {r['label']} | {r['n']} | {acc} | "
+        lines.append(f"| {r['task']} | {r['model']} | {r['label']} | {r['name']} | {r['n']} | {acc} | "
                      + " | ".join(cells) + f" | {ratio} | {t} | {tr} |")
     return "\n".join(lines)
 

@@ -7,7 +7,6 @@ Hydra configs point at.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import lightning.pytorch as pl
@@ -16,8 +15,7 @@ from torch import nn
 
 from slimfit.experiments import data as D
 from slimfit.experiments.bench_cases import minilm_path
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from slimfit.experiments.methods import OPTIMIZERS, build_optimizer
 
 __all__ = ["ClassificationTask", "ClassificationData", "minilm_path", "hf_pretrained",
            "hf_from_config", "timm_vit"]
@@ -105,8 +103,8 @@ class ClassificationTask(pl.LightningModule):
     def __init__(self, model: nn.Module, lr: float = 1e-4, weight_decay: float = 0.01,
                  warmup_fraction: float = 0.1, optimizer: str = "adamw"):
         super().__init__()
-        if optimizer not in ("adamw", "adamw8bit", "sgd"):
-            raise ValueError(f"unknown optimizer {optimizer!r}; choose adamw, adamw8bit or sgd.")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {OPTIMIZERS}.")
         self.model = model
         self.lr, self.weight_decay, self.warmup_fraction = lr, weight_decay, warmup_fraction
         self.optimizer_name = optimizer
@@ -135,13 +133,8 @@ class ClassificationTask(pl.LightningModule):
             (no_decay if p.dim() < 2 else decay).append(p)
         groups = [{"params": decay, "weight_decay": self.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
-        if self.optimizer_name == "adamw8bit":
-            import bitsandbytes as bnb
-            opt = bnb.optim.AdamW8bit(groups, lr=self.lr)
-        elif self.optimizer_name == "sgd":
-            opt = torch.optim.SGD(groups, lr=self.lr, momentum=0.9)
-        else:
-            opt = torch.optim.AdamW(groups, lr=self.lr)
+        # parameters a method froze for good (LoRA's base) get no gradient: no state either
+        opt = build_optimizer(self.optimizer_name, groups, self.lr)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warm = max(1, int(self.warmup_fraction * total))
         sched = torch.optim.lr_scheduler.LambdaLR(

@@ -1,5 +1,6 @@
-"""Hydra entry point: fine-tune one model on one task, with or without SlimFit,
-and write ``results.json`` (accuracy, memory breakdown, step time, freezing)
+"""Hydra entry point: fine-tune one model on one task with one method (full
+fine-tuning, a peer such as LoRA or checkpointing, or SlimFit) and write
+``results.json`` (method, accuracy, memory breakdown, step time, freezing)
 into the run directory.
 
 Examples:
@@ -7,29 +8,34 @@ Examples:
     python -m slimfit.experiments.train experiment=movie_full trainer.max_steps=200 seed=1
     python -m slimfit.experiments.train -m hparams_search=freeze_sweep   # rates x seeds
     python -m slimfit.experiments.train experiment=glue_sst2_slimfit data.data_dir=/data/SST-2
+    python -m slimfit.experiments.train -m experiment=movie_full method=full,lora,checkpointing,slimfit
 
 Every component comes from ``configs/`` through ``_target_``: model, data,
-task, slimfit, trainer, logger(s), callbacks.
+task, method, slimfit, trainer, logger(s), callbacks. The ``method`` group
+(:mod:`slimfit.experiments.methods`) transforms the model (LoRA,
+checkpointing) and names the optimizer; SlimFit itself is the ``slimfit``
+group's callback, which the SlimFit methods select.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.resources
 import json
 import os
 import pathlib
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import hydra
+import lightning.pytorch as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 
-import hydra  # noqa: E402
-import lightning.pytorch as pl  # noqa: E402
-from hydra.utils import instantiate  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from slimfit.callbacks import MemoryMonitor, SlimFit, StepTimer
+from slimfit.experiments.methods import Method, MethodError, run_label
 
-from slimfit.callbacks import MemoryMonitor, SlimFit, StepTimer  # noqa: E402
-
-CONFIG_DIR = str(pathlib.Path(__file__).resolve().parents[1] / "configs")
+#: the YAML files of the installed ``slimfit.configs`` package (editable or not)
+CONFIG_DIR = str(importlib.resources.files("slimfit.configs"))
 
 
 def _instantiate_group(group: DictConfig | None, what: str) -> list[Any]:
@@ -53,25 +59,66 @@ def _choice(group: str, default: str) -> str:
 def build(cfg: DictConfig) -> tuple[pl.Trainer, pl.LightningModule, pl.LightningDataModule, dict]:
     """Instantiate data, model, task, callbacks, loggers and trainer from ``cfg``."""
     for key in ("model", "data", "task", "trainer", "slimfit"):
-        if key not in cfg or "_target_" not in cfg[key]:
-            raise ValueError(f"config group {key!r} needs a _target_ (got {OmegaConf.to_yaml(cfg.get(key))!r}).")
+        node = cfg.get(key)
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            got = OmegaConf.to_yaml(node) if isinstance(node, DictConfig) else node
+            raise ValueError(f"config group {key!r} needs a _target_ naming the class to build "
+                             f"(got {got!r}); choose one of configs/{key}/*.yaml.")
+    missing = [k for k in ("name", "enabled") if k not in cfg.slimfit]
+    if missing:
+        raise ValueError(f"config group 'slimfit' lacks {missing}: it needs 'name' (the method "
+                         "label in results) and 'enabled' (attach the callback or not).")
+    method = _method(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
-    model = instantiate(cfg.model)
-    task = instantiate(cfg.task, model=model)
+    model = method.apply(instantiate(cfg.model))
+    task = instantiate(cfg.task, model=model, optimizer=_optimizer(cfg, method))
     callbacks = _instantiate_group(cfg.get("callbacks"), "callbacks")
     sf_cfg = OmegaConf.to_container(cfg.slimfit, resolve=True)
-    method = sf_cfg.pop("name")
+    sf_name = sf_cfg.pop("name")
     enabled = sf_cfg.pop("enabled")
     slimfit = None
     if enabled:
         sf_cfg.setdefault("seed", cfg.seed)
         slimfit = instantiate(OmegaConf.create(sf_cfg), _convert_="all")  # plain lists/dicts
+        if method.checkpointing and slimfit.memory_budget is not None:
+            raise MethodError(f"method={method.name} checkpoints activations, which the memory "
+                              "planner does not model (it may choose compression, which does not "
+                              "compose with checkpointing); drop slimfit.memory_budget.")
+        dataclasses.replace(method, session=slimfit.session_config)  # refuses what does not compose
         callbacks.insert(0, slimfit)
     loggers = _instantiate_group(cfg.get("logger"), "logger")
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    meta = {"method": method, "slimfit": slimfit}
+    # the default method defers to SlimFit's name (as before the method group: "slimfit")
+    name = sf_name if enabled and method.name == "full" else method.name
+    meta = {"method": name, "method_config": method, "slimfit": slimfit}
     return trainer, task, datamodule, meta
+
+
+def _method(cfg: DictConfig) -> Method:
+    """The run's :class:`Method` (``configs/method/``; full fine-tuning if absent)."""
+    node = cfg.get("method")
+    if node is None:
+        return Method(name="full")
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        raise ValueError(f"config group 'method' needs a _target_ (got {node!r}); choose one of "
+                         "configs/method/*.yaml.")
+    method = instantiate(node)
+    if not isinstance(method, Method):
+        raise ValueError(f"method._target_ must build a slimfit.experiments.methods.Method, got "
+                         f"{type(method).__name__}.")
+    return method
+
+
+def _optimizer(cfg: DictConfig, method: Method) -> str:
+    """The method's optimizer; ``task.optimizer`` may only repeat it or stay ``adamw``."""
+    task_opt = cfg.task.get("optimizer", "adamw")
+    if task_opt in ("adamw", method.optimizer):
+        return method.optimizer
+    if method.optimizer != "adamw":
+        raise MethodError(f"task.optimizer={task_opt} conflicts with method={method.name} "
+                          f"({method.optimizer}); drop one of them.")
+    return task_opt
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -82,13 +129,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     mon = next((c for c in trainer.callbacks if isinstance(c, MemoryMonitor)), None)
     timer = next((c for c in trainer.callbacks if isinstance(c, StepTimer)), None)
     slimfit: SlimFit | None = meta["slimfit"]
+    method: Method = meta["method_config"]
     report = mon.history[-1][1] if mon is not None and mon.history else None
+    rate = float(slimfit.freezer.config.freeze_rate) if slimfit else 0.0
+    compression = bool(slimfit and slimfit.session.config.compression is not None)
     results = {
         "task": cfg.data.task, "model": _choice("model", cfg.model._target_),
-        "method": meta["method"], "seed": int(cfg.seed),
-        "freeze_rate": float(slimfit.freezer.config.freeze_rate) if slimfit else 0.0,
-        "compression": bool(slimfit and (slimfit.plan.candidate.compression if slimfit.plan
-                                         else slimfit.compression is not None)),
+        "method": meta["method"],
+        "method_label": run_label(method, rate if slimfit else None, compression),
+        "lora_r": method.lora.r if method.lora else None,
+        "checkpointing": method.checkpointing, "optimizer": task.optimizer_name,
+        "seed": int(cfg.seed), "freeze_rate": rate, "compression": compression,
+        # every freezing option the run used (score, heads, staleness ...), as run
+        "freezing": (dataclasses.asdict(slimfit.session.config.freezing) if slimfit else None),
         "steps": int(trainer.global_step), "batch_size": int(cfg.data.batch_size),
         "train_size": len(datamodule.splits.train_y), "val_size": len(datamodule.splits.val_y),
         "val_acc": task.last_val_acc,
@@ -100,7 +153,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     }
     out = pathlib.Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     for logger in trainer.loggers:  # final figures as run summary (W&B, CSV)
         logger.log_metrics({"final/val_acc": results["val_acc"] or 0.0,
@@ -117,4 +170,7 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    # the data and model ship in packages: never wait on a hub lookup
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     main()

@@ -23,10 +23,15 @@ what it stores to the hooks that were active outside SlimFit's scopes (the
 memory ledger, activation offload; ``slimfit.hooks``), so the ledger counts compressed
 bytes and offload moves them.
 
-Fused attention (``sdpa``/flash in HF, ``fused_attn`` in timm) never stores
-the probabilities: such modules are detected and left alone, with a warning.
-Under ``torch.compile`` saved-tensor hooks save nothing (pytorch #148222):
-compression refuses compiled models.
+Fused attention (Hugging Face ``sdpa``, timm ``fused_attn``, any module that
+calls ``F.scaled_dot_product_attention`` inside an attention scope) is
+compressed too: the scope enters a torch-function mode that routes the call
+through ``slimfit.fused_attention`` (q, k, v saved int8, attention recomputed
+in backward; no T x T tensor stored). Attention kernels that bypass that
+function (``flash_attention_2``, ``flex_attention``) are left alone, with a
+warning. Under ``torch.compile`` saved-tensor hooks save nothing (pytorch
+#148222): compression refuses a compiled model, or one with a compiled module
+inside. The detection of each kind's modules is in ``slimfit.detect``.
 """
 
 from __future__ import annotations
@@ -39,17 +44,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimfit.errors import SelectionError, SlimFitError
-from slimfit.hooks import ScopedHooks, is_parameter_or_view
-from slimfit.ledger import storage_identity
+from slimfit.detect import KINDS, attention_kernel, detect_kinds
+from slimfit.errors import SlimFitError
+from slimfit.fused_attention import SDPARouter
+from slimfit.hooks import ScopedHooks
 from slimfit.quantize import (SUPPORTED_BITS, dequantize, pack_bool, quantize, topk_prune,
                               topk_restore, unpack_bool)
-from slimfit.selection import Pattern, _validate_pattern, is_compiled, iter_modules, matches
+from slimfit.selection import Pattern, refuse_compiled, select_modules, validate_pattern
+from slimfit.storage import is_parameter_or_view, storage_identity
 
 __all__ = ["Treatment", "CompressionConfig", "ActivationCompressor", "KINDS"]
-
-#: Activation kinds, in the order they are reported.
-KINDS = ("attention", "gelu", "layernorm", "ffn_down_input", "linear_input", "dropout_mask")
 
 _METHODS = ("none", "int8", "int4", "topk")
 
@@ -81,8 +85,11 @@ class Treatment:
                                             not isinstance(self.group_size, int) or self.group_size < 1):
             raise SlimFitError(f"group_size must be None (per token) or an int >= 1, "
                                f"got {self.group_size!r}.")
-        if not 0.0 < self.topk_fraction <= 1.0:
-            raise SlimFitError(f"topk_fraction must be in (0, 1], got {self.topk_fraction!r}.")
+        f = self.topk_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < f <= 1.0:
+            raise SlimFitError(f"topk_fraction must be a number in (0, 1], got {f!r}.")
+        if not isinstance(self.stochastic, bool):
+            raise SlimFitError(f"stochastic must be a bool, got {self.stochastic!r}.")
 
     @property
     def bits(self) -> int | None:
@@ -123,6 +130,10 @@ class CompressionConfig:
         for kind in KINDS[:-1]:
             t = getattr(self, kind)
             if isinstance(t, Mapping):  # Hydra / YAML: a mapping of Treatment fields
+                unknown = sorted(set(t) - {f.name for f in dataclasses.fields(Treatment)})
+                if unknown:
+                    raise SlimFitError(f"{kind} has unknown Treatment field(s) {unknown}; fields "
+                                       "are method, group_size, stochastic, topk_fraction.")
                 object.__setattr__(self, kind, Treatment(**dict(t)))
             elif isinstance(t, str):
                 object.__setattr__(self, kind, Treatment(method=t))
@@ -134,69 +145,21 @@ class CompressionConfig:
             if getattr(self, kind).method == "topk":
                 raise SlimFitError(f"topk pruning is only defined for layernorm, not {kind}; "
                                    "use int8 or int4.")
+        if self.modules is not None and not isinstance(self.modules, Mapping):
+            raise SlimFitError(f"modules must be a mapping {{kind: pattern}} or None, got "
+                               f"{self.modules!r}; kinds are {KINDS}.")
         for kind, pat in (self.modules or {}).items():
             if kind not in KINDS:
                 raise SlimFitError(f"modules has unknown kind {kind!r}; kinds are {KINDS}.")
-            _validate_pattern(pat, f"modules[{kind!r}]")
-        if not isinstance(self.min_numel, int) or self.min_numel < 0:
+            validate_pattern(pat, f"modules[{kind!r}]")
+        if not isinstance(self.dropout_mask, bool):
+            raise SlimFitError(f"dropout_mask must be a bool, got {self.dropout_mask!r}.")
+        if isinstance(self.min_numel, bool) or not isinstance(self.min_numel, int) \
+                or self.min_numel < 0:
             raise SlimFitError(f"min_numel must be an int >= 0, got {self.min_numel!r}.")
 
     def enabled(self, kind: str) -> bool:
         return self.dropout_mask if kind == "dropout_mask" else getattr(self, kind).method != "none"
-
-
-# ----------------------------------------------------------------------------
-# Finding the modules of each kind
-# ----------------------------------------------------------------------------
-
-
-_QUERY_NAMES = ("query", "q_proj", "q_lin", "q", "qkv", "Wqkv")
-
-
-def _is_attention(mod: nn.Module) -> bool:
-    """An attention core: a ``*Attention`` module owning its query (or fused
-    qkv) projection directly (BertSelfAttention, ViTAttention,
-    DistilBertSelfAttention, timm Attention; not BertAttention, its parent)."""
-    return type(mod).__name__.endswith("Attention") and any(
-        isinstance(getattr(mod, n, None), nn.Linear) for n in _QUERY_NAMES)
-
-
-def _attention_is_fused(mod: nn.Module) -> bool:
-    if getattr(mod, "fused_attn", False):  # timm
-        return True
-    cfg = getattr(mod, "config", None)
-    impl = getattr(cfg, "_attn_implementation", None)
-    return impl is not None and impl != "eager"
-
-
-def _is_gelu(mod: nn.Module) -> bool:
-    return isinstance(mod, nn.GELU) or "GELU" in type(mod).__name__
-
-
-def _down_projections(model: nn.Module) -> set[int]:
-    """Linears that are the down half of an up/down pair (3072 -> 768 when some
-    Linear maps 768 -> 3072): the FFN output projections, found by shape."""
-    linears = [m for _, m in iter_modules(model) if isinstance(m, nn.Linear)]
-    ups = {(m.in_features, m.out_features) for m in linears if m.out_features > m.in_features}
-    return {id(m) for m in linears
-            if m.in_features > m.out_features and (m.out_features, m.in_features) in ups}
-
-
-def _detect(model: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
-    down = _down_projections(model)
-    found: dict[str, list[tuple[str, nn.Module]]] = {k: [] for k in KINDS}
-    for name, mod in iter_modules(model):
-        if _is_attention(mod):
-            found["attention"].append((name, mod))
-        elif _is_gelu(mod):
-            found["gelu"].append((name, mod))
-        elif isinstance(mod, nn.LayerNorm):
-            found["layernorm"].append((name, mod))
-        elif isinstance(mod, nn.Linear):
-            found["ffn_down_input" if id(mod) in down else "linear_input"].append((name, mod))
-        elif isinstance(mod, nn.Dropout):
-            found["dropout_mask"].append((name, mod))
-    return found
 
 
 # ----------------------------------------------------------------------------
@@ -214,10 +177,13 @@ class _Packed:
 
 
 class _Scope(ScopedHooks):
-    """Pack/unpack pair of one kind; pushed while a module of that kind runs."""
+    """Pack/unpack pair of one kind; pushed while a module of that kind runs.
+    An attention scope also enters a torch-function mode (``mode``) that
+    routes the module's SDPA calls (``slimfit.fused_attention``)."""
 
     def __init__(self, kind: str, treatment: Treatment | None, compressor: "ActivationCompressor"):
         self.kind, self.treatment, self.compressor = kind, treatment, compressor
+        self.mode: Any = None
         # One tensor saved by two ops (softmax output saved by softmax and by
         # the next matmul) is stored once. Keys are storage addresses, so the
         # original is held until the module's forward returns: no address can
@@ -225,7 +191,14 @@ class _Scope(ScopedHooks):
         # one module's uncompressed saves, transiently.
         self._cache: dict[Any, tuple[_Packed, torch.Tensor]] = {}
 
+    def push(self) -> None:
+        super().push()
+        if self.mode is not None:
+            self.mode.__enter__()
+
     def pop(self) -> None:
+        if self.mode is not None:
+            self.mode.__exit__(None, None, None)
         super().pop()
         self._cache.clear()
 
@@ -293,12 +266,12 @@ class ActivationCompressor:
     """Installs the scoped hooks on a model.
 
     Args:
-        model: any ``nn.Module`` (not ``torch.compile``-d).
+        model: any ``nn.Module`` (not ``torch.compile``-d, nor any module in it).
         config: a :class:`CompressionConfig` (default: the paper's choices).
 
     Raises:
-        SlimFitError: compiled model; SelectionError: a ``modules`` pattern
-            that matches no module.
+        SlimFitError: the model or a module inside it is ``torch.compile``-d;
+            SelectionError: a ``modules`` pattern that matches no module.
 
     Example:
         >>> m = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8))
@@ -310,41 +283,40 @@ class ActivationCompressor:
     """
 
     def __init__(self, model: nn.Module, config: CompressionConfig | None = None):
-        if is_compiled(model):
-            raise SlimFitError(
-                "activation compression uses saved-tensor hooks, which torch.compile runs all at "
-                "once at the end of the forward (pytorch #148222): nothing would be saved. Compress "
-                "the uncompiled model, or disable compression (compression=None) under torch.compile.")
+        refuse_compiled(model, "activation compression uses saved-tensor hooks, which "
+                        "torch.compile runs all at once at the end of the forward (pytorch "
+                        "#148222): nothing would be saved. Compress the uncompiled model, or "
+                        "disable compression (compression=None) under torch.compile.")
+        if config is not None and not isinstance(config, CompressionConfig):
+            raise SlimFitError(f"config must be a CompressionConfig or None, got {config!r}.")
         self.model = model
         self.config = config or CompressionConfig()
         self.skipped: dict[str, str] = {}
+        self.fused: list[str] = []  # attention modules calling F.scaled_dot_product_attention
         self._handles: list[Any] = []
         self._param_storages: set = set()
         self.targets = self._select()
+        tr = self.config.attention
+        self.sdpa = SDPARouter(bits=tr.bits or 8, group_size=tr.group_size,
+                               stochastic=tr.stochastic, min_numel=self.config.min_numel)
 
     def _select(self) -> dict[str, list[tuple[str, nn.Module]]]:
         cfg = self.config
-        detected = _detect(self.model)
-        all_modules = list(iter_modules(self.model))
+        detected = detect_kinds(self.model)
         targets: dict[str, list[tuple[str, nn.Module]]] = {}
         missing: list[str] = []
         for kind in KINDS:
             pat = (cfg.modules or {}).get(kind)
-            if pat is not None:
-                chosen = [(n, m) for n, m in all_modules if n and matches(n, pat)]
-                if not chosen:
-                    names = ", ".join(n for n, _ in all_modules[1:7])
-                    raise SelectionError(f"modules[{kind!r}]={pat!r} matched no module; some module "
-                                         f"names in this model: {names}.")
-            else:
-                chosen = detected[kind]
+            chosen = detected[kind] if pat is None else \
+                select_modules(self.model, pat, field=f"modules[{kind!r}]")
             if kind == "attention":
-                fused = [n for n, m in chosen if _attention_is_fused(m)]
-                if fused:
-                    self.skipped.update({n: "fused attention (sdpa/flash): probabilities are "
-                                            "never stored" for n in fused})
-                    chosen = [(n, m) for n, m in chosen if not _attention_is_fused(m)]
-                elif not chosen and cfg.enabled(kind):
+                kernels = {n: attention_kernel(m) for n, m in chosen}
+                other = {n: k for n, k in kernels.items() if k not in ("eager", "sdpa")}
+                self.skipped.update({n: f"attention kernel {k!r} bypasses "
+                                        "F.scaled_dot_product_attention" for n, k in other.items()})
+                chosen = [(n, m) for n, m in chosen if n not in other]
+                self.fused = [n for n, _ in chosen if kernels[n] == "sdpa"]
+                if not kernels and cfg.enabled(kind):
                     missing.append(kind)
             elif not chosen and cfg.enabled(kind) and kind in ("gelu", "layernorm"):
                 missing.append(kind)
@@ -352,19 +324,27 @@ class ActivationCompressor:
             # enclosing attention scope would quantize their inputs.
             targets[kind] = chosen if cfg.enabled(kind) or kind == "linear_input" else []
         if self.skipped:
-            warnings.warn(f"SlimFit compression leaves {len(self.skipped)} fused attention module(s) "
-                          "alone (their probabilities are never stored); use "
-                          "attn_implementation='eager' to compress attention.", UserWarning,
-                          stacklevel=3)
+            kinds = sorted({why.split("'")[1] for why in self.skipped.values()})
+            warnings.warn(f"SlimFit compression leaves {len(self.skipped)} attention module(s) "
+                          f"alone: kernel(s) {kinds} do not call F.scaled_dot_product_attention; "
+                          "use attn_implementation='sdpa' or 'eager' to compress attention.",
+                          UserWarning, stacklevel=3)
         if missing:
             warnings.warn(f"SlimFit compression: {type(self.model).__name__} has no module of kind "
                           f"{missing}; nothing is compressed for it.", UserWarning, stacklevel=3)
         return targets
 
     def preview(self) -> dict[str, list[str]]:
-        """``{kind: [module names]}`` that will be compressed, plus ``"skipped"``."""
+        """``{kind: [module names]}`` that will be compressed; ``"fused_attention"``:
+        the attention modules among them whose ``F.scaled_dot_product_attention``
+        calls are routed (q, k, v saved quantized, attention recomputed in
+        backward); ``"skipped"``: modules left alone and, once seen, SDPA calls
+        that ran uncompressed, with the reason."""
         out = {k: [n for n, _ in v] for k, v in self.targets.items()}
+        out["fused_attention"] = list(self.fused) if self.targets["attention"] else []
         out["skipped"] = [f"{n}: {why}" for n, why in self.skipped.items()]
+        out["skipped"] += [f"{n}: F.scaled_dot_product_attention called with {why}: ran "
+                           "uncompressed" for n, why in self.sdpa.fallbacks.items()]
         return out
 
     def install(self) -> "ActivationCompressor":
@@ -375,8 +355,10 @@ class ActivationCompressor:
         self._param_storages = {storage_identity(p) for p in self.model.parameters()}
         for kind, mods in self.targets.items():
             tr = None if kind == "dropout_mask" else getattr(self.config, kind)
-            for _, mod in mods:
+            for name, mod in mods:
                 scope = _Scope(kind, tr, self)
+                if kind == "attention":
+                    scope.mode = self.sdpa.mode(scope, name)
                 self._handles.append(mod.register_forward_pre_hook(lambda *_a, s=scope: s.push()))
                 self._handles.append(mod.register_forward_hook(lambda *_a, s=scope: s.pop(),
                                                                always_call=True))
@@ -386,6 +368,7 @@ class ActivationCompressor:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self.sdpa.clear()
 
     @property
     def installed(self) -> bool:
@@ -404,6 +387,12 @@ class ActivationCompressor:
             if kind != "dropout_mask" and getattr(self.config, kind).group_size:
                 tr += f" (groups of {getattr(self.config, kind).group_size})"
             n = len(self.targets[kind]) if self.config.enabled(kind) else 0
+            if kind == "attention" and n:
+                n_sdpa = len(self.fused)
+                tr += (f"; {n - n_sdpa} eager (Q, K, V, probabilities), {n_sdpa} SDPA (q, k, v "
+                       "per token and head, attention recomputed in backward)")
             lines.append(f"| {kind} | {tr if self.config.enabled(kind) else 'none'} | {n} |")
+        if self.skipped or self.sdpa.fallbacks:
+            lines.append("left uncompressed: " + "; ".join(self.preview()["skipped"]))
         return "\n".join(lines)
 

@@ -12,7 +12,9 @@ import math
 from typing import Sequence
 
 from slimfit.errors import SlimFitError
-from slimfit.selection import Pattern, _validate_pattern
+from slimfit.scheduler import SELECTIONS
+from slimfit.scores import SCORES
+from slimfit.selection import Pattern, validate_pattern
 
 __all__ = ["SlimFitConfig"]
 
@@ -39,7 +41,27 @@ class SlimFitConfig:
             under warm-up the units measured first (at a tiny lr) look
             converged and, with stale scores, stay frozen; normalizing makes
             scores comparable across steps. Combine with ``max_frozen_age``
-            (the implicit aging from lr decay is gone too).
+            (the implicit aging from lr decay is gone too). Update-based
+            scores only (``"paper"``, ``"update_norm"``).
+        score: the training-dynamics score (:mod:`slimfit.scores`):
+            ``"paper"`` mean(|dW| / (|W| + eps)), ``"update_norm"``
+            ||dW|| / (||W|| + eps), ``"grad_norm"`` ||g|| / (||W|| + eps),
+            ``"fisher"`` mean(g^2) * mean(W^2).
+        on_nonfinite: a non-finite loss or score: ``"warn"`` (once, naming
+            the step; the step's scores are not recorded) or ``"raise"``.
+        train_new_heads: never freeze the parameters the pretrained checkpoint
+            did not provide, or else the model's output head
+            (:mod:`slimfit.heads`); a head matched by ``include`` stays a
+            candidate.
+        frozen_score_decay: d in (0, 1]: the authority of a frozen unit's
+            stale score decays with each step it stays frozen, the unit
+            competing with ``score / d ** age``, so it comes back on its own
+            (0.99: x2 after ~70 frozen steps; ``None``: the paper's behaviour).
+        selection: how the trained set is chosen from the scores: ``"topk"``
+            (the highest, deterministic) or ``"sample"`` (without replacement,
+            in proportion to the scores, seeded).
+        reserve_fraction: fraction in [0, 1) of the trained slots given to the
+            least recently trained units (oldest frozen first).
     """
 
     freeze_rate: float = 0.9
@@ -51,6 +73,12 @@ class SlimFitConfig:
     max_frozen_age: int | None = None
     score_eps: float = 1e-8
     lr_normalized: bool = False
+    score: str = "paper"
+    on_nonfinite: str = "warn"
+    train_new_heads: bool = True
+    frozen_score_decay: float | None = None
+    selection: str = "topk"
+    reserve_fraction: float = 0.0
 
     def __post_init__(self):
         r = self.freeze_rate
@@ -60,7 +88,7 @@ class SlimFitConfig:
                 f"freeze_rate must be a number in [0, 1), got {r!r}. It is the fraction of "
                 "candidate layers frozen each step; the paper uses 0.8-0.95 (0 = full fine-tuning).")
         for field in ("include", "exclude", "always_train"):
-            _validate_pattern(getattr(self, field), field)
+            validate_pattern(getattr(self, field), field)
         if self.groups is not None:
             if isinstance(self.groups, str):
                 raise SlimFitError(f"groups must be a list of regex strings, got the string "
@@ -68,7 +96,7 @@ class SlimFitConfig:
             for g in self.groups:
                 if not isinstance(g, str):
                     raise SlimFitError(f"each groups entry must be a regex string, got {g!r}.")
-                _validate_pattern(g, "groups")
+                validate_pattern(g, "groups")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise SlimFitError(f"seed must be an int, got {self.seed!r}.")
         a = self.max_frozen_age
@@ -76,8 +104,33 @@ class SlimFitConfig:
             raise SlimFitError(f"max_frozen_age must be None or an int >= 1, got {a!r}.")
         if not isinstance(self.lr_normalized, bool):
             raise SlimFitError(f"lr_normalized must be a bool, got {self.lr_normalized!r}.")
-        if not isinstance(self.score_eps, (int, float)) or not self.score_eps > 0:
-            raise SlimFitError(f"score_eps must be a positive float, got {self.score_eps!r}.")
+        if isinstance(self.score_eps, bool) or not isinstance(self.score_eps, (int, float)) \
+                or not 0 < self.score_eps < math.inf:
+            raise SlimFitError(f"score_eps must be a positive finite float (default 1e-8), "
+                               f"got {self.score_eps!r}.")
+        for field, allowed in (("score", SCORES), ("on_nonfinite", ("warn", "raise")),
+                               ("selection", SELECTIONS)):
+            if getattr(self, field) not in allowed:
+                raise SlimFitError(f"{field} must be one of {', '.join(map(repr, allowed))}, "
+                                   f"got {getattr(self, field)!r}.")
+        if self.lr_normalized and self.score not in ("paper", "update_norm"):
+            raise SlimFitError(
+                f"lr_normalized=True divides an update by the learning rate that made it, but "
+                f"score={self.score!r} does not depend on the learning rate; use "
+                "score='paper' or 'update_norm', or lr_normalized=False.")
+        if not isinstance(self.train_new_heads, bool):
+            raise SlimFitError(f"train_new_heads must be a bool, got {self.train_new_heads!r}.")
+        d = self.frozen_score_decay
+        if d is not None and (isinstance(d, bool) or not isinstance(d, (int, float))
+                              or not 0.0 < d <= 1.0):
+            raise SlimFitError(
+                f"frozen_score_decay must be None or a number in (0, 1], got {d!r}; e.g. 0.99 "
+                "doubles a frozen unit's stale score in ~70 steps (None: the paper's behaviour).")
+        f = self.reserve_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f < 1.0:
+            raise SlimFitError(
+                f"reserve_fraction must be a number in [0, 1), got {f!r}: the fraction of the "
+                "trained slots given to the least recently trained units (0 = none).")
 
     def selection_kwargs(self) -> dict:
         """The arguments of :func:`slimfit.selection.select_units`."""

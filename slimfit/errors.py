@@ -7,7 +7,8 @@ ordinary bad-value errors they are.
 
 from __future__ import annotations
 
-__all__ = ["SlimFitError", "SelectionError", "CheckpointMismatchError", "UnsupportedSetupError"]
+__all__ = ["SlimFitError", "SelectionError", "CheckpointMismatchError", "UnsupportedSetupError",
+           "LedgerError", "NonFiniteError", "OptionTypeError"]
 
 
 class SlimFitError(ValueError):
@@ -24,3 +25,15 @@ class CheckpointMismatchError(SlimFitError):
 
 class UnsupportedSetupError(SlimFitError):
     """A trainer, strategy or optimizer configuration SlimFit cannot run correctly."""
+
+
+class LedgerError(SlimFitError):
+    """A ledger measurement was asked of something it cannot measure."""
+
+
+class NonFiniteError(SlimFitError):
+    """A training step's loss or scores were NaN/inf (``on_nonfinite="raise"``)."""
+
+
+class OptionTypeError(SlimFitError, TypeError):
+    """An option of the wrong type: a project error that is also a ``TypeError``."""

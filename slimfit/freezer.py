@@ -6,31 +6,40 @@ One optimizer step is::
     frozen = freezer.decide()        # scheduler's choice (broadcast it under DDP)
     freezer.apply(frozen)            # requires_grad toggled, frozen grads dropped
     loss.backward()                  # (any number of micro-batches)
-    freezer.before_optimizer_step()  # snapshot of the trained units only
+    freezer.before_optimizer_step(optimizer)  # snapshot of the trained units only
     optimizer.step()
-    freezer.after_optimizer_step()   # scores of trained units, history
+    freezer.after_optimizer_step(loss=loss)   # scores of trained units, history
 
 Freezing is ``requires_grad=False`` plus ``grad=None``: the parameter stays in
 its optimizer param group (no group is ever added or removed), and optimizers
 skip a parameter whose gradient is ``None``, so a frozen tensor is
 bit-identical after the step (weight decay and momentum included). Autograd
 then neither computes its weight gradient nor saves the input kept only for it.
+
+New heads (:mod:`slimfit.heads`) are taken out of the candidates and trained
+every step unless ``train_new_heads=False``. A step whose loss or scores are
+NaN/inf is recorded like a skipped step (its scores never reach the
+scheduler), with one warning per freezer or a :class:`NonFiniteError`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import statistics
+import warnings
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from slimfit.config import SlimFitConfig
-from slimfit.errors import CheckpointMismatchError, SlimFitError
+from slimfit.errors import CheckpointMismatchError, NonFiniteError, SelectionError, SlimFitError
+from slimfit.heads import HeadReport, detect_new_heads
 from slimfit.history import FreezeHistory
 from slimfit.scheduler import InterLayerScheduler
 from slimfit.scores import WeightSnapshot
-from slimfit.selection import Selection, select_units
+from slimfit.selection import Selection, iter_parameters, matches, select_units
 
 __all__ = ["LayerFreezer"]
 
@@ -43,21 +52,43 @@ class LayerFreezer:
             point define the candidates).
         config: a :class:`SlimFitConfig`; or pass its fields as keywords.
 
+    Attributes:
+        selection: what is frozen and what is always trained (new heads
+            included); ``describe()`` prints it.
+        heads: the new-head parameters taken out of the candidates and how
+            they were found (:class:`slimfit.heads.HeadReport`).
+        nonfinite_steps: the steps whose loss or scores were NaN/inf.
+
     Raises:
         SlimFitError: bad options; SelectionError when a pattern matches
-            nothing or the model has no candidate.
+            nothing, the model has no candidate, or every candidate is a new
+            head.
     """
 
     def __init__(self, model: nn.Module, config: SlimFitConfig | None = None, **kwargs: Any):
         if config is not None and kwargs:
-            raise SlimFitError("pass either config=SlimFitConfig(...) or keyword options, not both.")
+            raise SlimFitError(f"pass either config=SlimFitConfig(...) or keyword options, not "
+                               f"both; got a config and keywords {sorted(kwargs)}.")
+        if config is not None and not isinstance(config, SlimFitConfig):
+            raise SlimFitError(f"config must be a SlimFitConfig, got {config!r}; write "
+                               "LayerFreezer(model, SlimFitConfig(...)) or pass keyword options.")
         self.config = config if config is not None else SlimFitConfig(**kwargs)
-        self.selection: Selection = select_units(model, **self.config.selection_kwargs())
+        c = self.config
+        self.selection: Selection = select_units(model, **c.selection_kwargs())
+        self.heads = HeadReport([], "off")
+        if c.train_new_heads:
+            self.selection, self.heads = _without_new_heads(model, self.selection, c)
         self.units = self.selection.units
         self.names = [u.name for u in self.units]
-        self.scheduler = InterLayerScheduler(self.names, self.config.freeze_rate,
-                                             seed=self.config.seed,
-                                             max_frozen_age=self.config.max_frozen_age)
+        self.scheduler = InterLayerScheduler(
+            self.names, c.freeze_rate, seed=c.seed, max_frozen_age=c.max_frozen_age,
+            frozen_score_decay=c.frozen_score_decay, selection=c.selection,
+            reserve_fraction=c.reserve_fraction)
+        # embedding tables: scored over the rows the step used (slimfit.scores)
+        self._tables = {id(m.weight) for m in model.modules()
+                        if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
+        self.nonfinite_steps: list[int] = []  # steps whose loss or scores were NaN/inf
+        self._warned_nonfinite = False
         self.history = FreezeHistory(self.names)
         self.frozen: list[int] | None = None
         self.last_stats: dict[str, float] = {}
@@ -111,44 +142,83 @@ class LayerFreezer:
         for i in self.frozen:  # guard: nothing may have re-created a frozen grad
             for p in self.units[i].params:
                 p.grad = None
+        trained = [u.params for i, u in enumerate(self.units) if i not in fz]
         self._snapshot = WeightSnapshot(
-            [u.params for i, u in enumerate(self.units) if i not in fz], eps=self.config.score_eps)
+            trained, eps=self.config.score_eps, score=self.config.score,
+            row_sparse=[p for ps in trained for p in ps if id(p) in self._tables])
 
-    def after_optimizer_step(self, *, skipped: bool = False) -> dict[str, float]:
+    def after_optimizer_step(self, *, skipped: bool = False,
+                             loss: torch.Tensor | float | None = None) -> dict[str, float]:
         """Score the trained units and record the step.
 
         Args:
             skipped: the optimizer step did not run (AMP found inf/NaN): the
                 weights did not move, which must not be read as convergence.
+            loss: optional, the step's loss (a tensor or a float), or a bool
+                tensor "every micro-batch loss was finite". Checked in the same
+                device-to-host transfer as the scores (no extra sync).
 
         Returns:
             Statistics to log: frozen fraction, whether the step was measured,
-            and min/median/max of the current scores.
+            whether it was non-finite, and min/median/max of the current scores.
+
+        Raises:
+            NonFiniteError: ``on_nonfinite="raise"`` and the loss or a score of
+                a trained unit is NaN/inf (the step is recorded as unmeasured
+                first, so the freezer's state stays consistent).
         """
         if self.frozen is None or self._snapshot is None:
             raise SlimFitError("after_optimizer_step() needs before_optimizer_step() first.")
-        scores = self._snapshot.scores()
-        self._snapshot = None
-        if self._lrs is not None:  # change per unit of learning rate
-            scores = [s / lr if lr > 0 else 0.0 for s, lr in zip(scores, self._lrs)]
-        # A step that moved no trained weight at all (skipped by the grad
-        # scaler, or lr = 0 during warm-up) says nothing about convergence.
-        measured = not skipped and any(s > 0.0 for s in scores)
-        step = self.scheduler.step
-        self.scheduler.update(self.frozen, scores if measured else None)
-        self.history.record(step, self.frozen)
+        snap, self._snapshot = self._snapshot, None
+        step, frozen = self.scheduler.step, self.frozen
+        scores, bad = None, None
+        if not skipped:  # a skipped step is not read at all (no sync)
+            m = snap.measure(_loss_flag(loss))
+            if m.finite:
+                scores = m.scores
+                if self._lrs is not None:  # change per unit of learning rate
+                    scores = [s / lr if lr > 0 else 0.0 for s, lr in zip(scores, self._lrs)]
+            else:
+                fz = set(frozen)
+                trained = [n for i, n in enumerate(self.names) if i not in fz]
+                bad = (m.loss_finite,
+                       [n for n, v in zip(trained, m.scores) if not math.isfinite(v)])
+        # A step that moved no trained weight at all (skipped by the grad scaler,
+        # lr = 0 during warm-up) says nothing about convergence; nor does a
+        # non-finite one: the scheduler gets no scores (ages and history advance).
+        measured = scores is not None and any(s > 0.0 for s in scores)
+        self.scheduler.update(frozen, scores if measured else None)
+        self.history.record(step, frozen)
         known = [s for s in self.scheduler.scores if s is not None]
         self.last_stats = {
-            "frozen_fraction": len(self.frozen) / len(self.units),
-            "frozen_units": float(len(self.frozen)),
+            "frozen_fraction": len(frozen) / len(self.units),
+            "frozen_units": float(len(frozen)),
             "measured": float(measured),
+            "nonfinite": float(bad is not None),
             "initial_pass": float(not self.scheduler.initial_pass_done),
         }
         if known:
             self.last_stats.update(score_min=min(known), score_median=statistics.median(known),
                                    score_max=max(known))
         self.frozen = None
+        if bad is not None:
+            self._report_nonfinite(step, *bad)
         return self.last_stats
+
+    def _report_nonfinite(self, step: int, loss_finite: bool, units: list[str]) -> None:
+        self.nonfinite_steps.append(step)
+        what = ", ".join((["the loss"] if not loss_finite else []) +
+                         ([f"scores of {len(units)} unit(s) {units[:4]}"] if units else []))
+        msg = (f"SlimFit: non-finite loss/scores at step {step} ({what}); scores of this step "
+               "are not recorded (the step counts as skipped: ages and history advance). Lower "
+               "the learning rate, clip gradients or check the precision")
+        if self.config.on_nonfinite == "raise":
+            raise NonFiniteError(msg + "; on_nonfinite='warn' trains on instead.")
+        if not self._warned_nonfinite and _rank_zero():
+            warnings.warn(msg + "; on_nonfinite='raise' stops at the first such step. Warned "
+                          "once: later steps are listed in LayerFreezer.nonfinite_steps.",
+                          UserWarning, stacklevel=3)
+        self._warned_nonfinite = True
 
     def restore(self) -> None:
         """Make every candidate trainable again (end of training)."""
@@ -158,11 +228,33 @@ class LayerFreezer:
         self._snapshot = None
 
     # -- reporting --------------------------------------------------------------
+    def describe(self) -> str:
+        """What this freezer does, for a user to check before training: units,
+        rate, score and selection policy, and the new heads always trained."""
+        c = self.config
+        policy = f"score {c.score!r}, selection {c.selection!r}"
+        if c.reserve_fraction:
+            policy += f", {c.reserve_fraction:g} of the trained slots reserved for the oldest"
+        if c.frozen_score_decay is not None:
+            policy += f", stale scores x{c.frozen_score_decay:g} per frozen step"
+        if c.max_frozen_age is not None:
+            policy += f", trained again after {c.max_frozen_age} frozen steps"
+        heads = (f"new heads always trained: {self.heads.describe()}" if c.train_new_heads
+                 else "new heads: candidates like any layer (train_new_heads=False)")
+        return (f"SlimFit: {len(self.units)} units, freeze rate {c.freeze_rate} "
+                f"({self.num_frozen} frozen per step); {policy}\n"
+                f"  {self.selection}\n  {heads}")
+
     def summary(self, top: int | None = None) -> str:
         """Markdown table: how often each unit was frozen, most frozen first."""
         head = (f"SlimFit: {len(self.units)} units, freeze rate {self.config.freeze_rate} "
-                f"({self.num_frozen} frozen per step), {len(self.history)} steps recorded\n\n")
-        return head + self.history.summary_table(top)
+                f"({self.num_frozen} frozen per step), {len(self.history)} steps recorded\n")
+        if self.heads.names:
+            head += f"New heads always trained: {self.heads.describe()}\n"
+        if self.nonfinite_steps:
+            head += (f"Non-finite loss/scores (not recorded) at {len(self.nonfinite_steps)} "
+                     f"step(s): {self.nonfinite_steps[:10]}\n")
+        return head + "\n" + self.history.summary_table(top)
 
     # -- checkpointing -----------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -177,11 +269,52 @@ class LayerFreezer:
         """
         if not isinstance(state, dict) or "scheduler" not in state or "history" not in state:
             raise CheckpointMismatchError(
-                "not a SlimFit state (expected keys 'scheduler' and 'history'); the checkpoint "
-                "is corrupt or was written by another callback.")
+                "not a SlimFit state (expected a dict with keys 'scheduler' and 'history', got "
+                f"{list(state)[:6] if isinstance(state, dict) else type(state).__name__}); the "
+                "checkpoint is corrupt or was written by another callback.")
         self.scheduler.load_state_dict(state["scheduler"])
         try:
             self.history.load_state_dict(state["history"])
         except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointMismatchError(f"corrupt SlimFit history state: {e!r}.") from e
+            raise CheckpointMismatchError(
+                f"corrupt SlimFit history state {str(state['history'])[:80]!r}: {e!r}.") from e
 
+
+def _loss_flag(loss: torch.Tensor | float | None) -> torch.Tensor | bool | None:
+    """"The loss was finite", left on the device for a tensor (no sync here)."""
+    if loss is None:
+        return None
+    if torch.is_tensor(loss):
+        loss = loss.detach()
+        return loss.all() if loss.dtype == torch.bool else torch.isfinite(loss).all()
+    return math.isfinite(float(loss))
+
+
+def _rank_zero() -> bool:
+    d = torch.distributed
+    return not (d.is_available() and d.is_initialized()) or d.get_rank() == 0
+
+
+def _without_new_heads(model: nn.Module, sel: Selection, config: SlimFitConfig
+                       ) -> tuple[Selection, HeadReport]:
+    """Move the units holding a new head (:mod:`slimfit.heads`) from the
+    candidates to the always-trained parameters; a head the user's ``include``
+    names stays a candidate."""
+    found = detect_new_heads(model)
+    heads = {n for n in found.names
+             if config.include is None or not matches(n, config.include)}
+    moved = [u for u in sel.units if any(n in heads for n in u.param_names)]
+    if not moved:
+        return sel, HeadReport([], found.source)
+    moved_ids = {id(u) for u in moved}
+    kept = tuple(u for u in sel.units if id(u) not in moved_ids)
+    names = [n for u in moved for n in u.param_names]
+    if not kept:
+        raise SelectionError(
+            f"every candidate of {type(model).__name__} is a new head ({names[:4]}): nothing is "
+            "left to freeze. Pass train_new_heads=False to let SlimFit freeze them, or "
+            "include=... to choose other candidates.")
+    order = {n: i for i, (n, _, _) in enumerate(iter_parameters(model))}
+    merge = lambda old: tuple(sorted(set(old) | set(names), key=order.__getitem__))  # noqa: E731
+    return (dataclasses.replace(sel, units=kept, always_trained=merge(sel.always_trained),
+                                excluded=merge(sel.excluded)), HeadReport(names, found.source))

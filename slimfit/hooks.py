@@ -15,7 +15,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-from torch import nn
+
+from slimfit.storage import is_parameter_or_view  # re-exported: it used to live here
 
 __all__ = ["ScopedHooks", "is_parameter_or_view", "top_saved_tensors_hooks"]
 
@@ -26,12 +27,6 @@ def top_saved_tensors_hooks() -> tuple[Callable, Callable] | None:
         return torch._C._autograd._top_saved_tensors_default_hooks(False)
     except (AttributeError, RuntimeError):  # pragma: no cover - older torch
         return None
-
-
-def is_parameter_or_view(t: torch.Tensor) -> bool:
-    """A parameter or a view of one (a Linear saves ``weight.t()``), whatever
-    its storage is now (streaming may give a weight a new storage)."""
-    return isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter)
 
 
 class ScopedHooks:

@@ -19,192 +19,47 @@ allocator slack and temporaries, so the ledger counts the tensors a GPU would
   saved. Parameter and buffer storages are excluded (already counted).
 
 On CUDA the report also carries the allocator's own peak for the step, so the
-two can be compared. This module is plain PyTorch.
+two can be compared. This module holds the static counts and the one-step
+driver :func:`measure_step`; the saved-tensor tracker is in
+``slimfit.tracker``, the report and its tables in ``slimfit.report``, storage
+identity in ``slimfit.storage``. Plain PyTorch.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import dataclasses
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
 
-from slimfit.errors import SlimFitError
-from slimfit.hooks import top_saved_tensors_hooks
+from slimfit.errors import LedgerError
+# The report, the tracker and the storage helpers live in their own modules;
+# the names stay importable from here, where users have always found them.
+from slimfit.report import (CATEGORIES, ROOT_NAME, CudaPeak, MemoryReport, ModuleBytes,
+                            format_bytes, report_modules)
+from slimfit.storage import storage_identity, storage_key
+from slimfit.tracker import SavedTensorTracker
 
 __all__ = [
     "CATEGORIES",
     "CudaPeak",
+    "LedgerError",
     "MemoryReport",
     "ModuleBytes",
+    "ROOT_NAME",
     "SavedTensorTracker",
+    "build_report",
+    "check_optimizer_owns",
     "count_gradients",
     "count_optimizer_state",
     "count_parameters",
+    "cuda_peak",
     "format_bytes",
     "measure_step",
     "storage_identity",
     "storage_key",
 ]
-
-#: The four categories that make up total training memory, in report order.
-CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations")
-
-ROOT_NAME = "(model)"
-
-
-class LedgerError(SlimFitError):
-    """A ledger measurement was asked of something it cannot measure."""
-
-
-def format_bytes(n: float) -> str:
-    """Human-readable binary size, e.g. ``format_bytes(3 * 2**20) == '3.00 MiB'``."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-def storage_key(t: torch.Tensor) -> tuple[Any, int, int]:
-    """Identity and size of the memory a tensor occupies: ``(key, nbytes)``.
-
-    Views share their base's storage, so they map to the same key. Tensors
-    without a plain storage (some subclasses) fall back to their own identity
-    and ``nbytes``.
-    """
-    try:
-        st = t.untyped_storage()
-        return (str(t.device), st.data_ptr()), st.nbytes()
-    except (RuntimeError, NotImplementedError, TypeError):
-        return ("id", id(t)), t.numel() * t.element_size()
-
-
-def storage_identity(t: torch.Tensor) -> Any:
-    """The StorageImpl a tensor views: stable while that storage lives, even when
-    it is resized in place (weight streaming), unlike its data pointer."""
-    try:
-        return t.untyped_storage()._cdata
-    except (RuntimeError, NotImplementedError, TypeError):
-        return ("id", id(t))
-
-
-@dataclasses.dataclass
-class ModuleBytes:
-    """Bytes owned by one module (its direct parameters, not its children's)."""
-
-    parameters: int = 0
-    gradients: int = 0
-    optimizer_state: int = 0
-    activations: int = 0
-
-    @property
-    def total(self) -> int:
-        return self.parameters + self.gradients + self.optimizer_state + self.activations
-
-    def __iadd__(self, other: "ModuleBytes") -> "ModuleBytes":
-        for c in CATEGORIES:
-            setattr(self, c, getattr(self, c) + getattr(other, c))
-        return self
-
-
-@dataclasses.dataclass(frozen=True)
-class CudaPeak:
-    """What the CUDA caching allocator saw during the measured step."""
-
-    max_allocated: int
-    max_reserved: int
-    alloc_retries: int
-    ooms: int
-
-
-@dataclasses.dataclass
-class MemoryReport:
-    """The ledger's result for one training step. All sizes are bytes."""
-
-    parameters: int
-    gradients: int
-    optimizer_state: int
-    activations: int
-    buffers: int = 0
-    per_module: dict[str, ModuleBytes] = dataclasses.field(default_factory=dict)
-    cuda: CudaPeak | None = None
-    #: optimizer state held in host memory (offloaded); not part of ``total``
-    offloaded_optimizer_state: int = 0
-    #: host master copies of streamed weights (``slimfit.stream``); not part of ``total``
-    offloaded_parameters: int = 0
-
-    @property
-    def total(self) -> int:
-        """Parameters + gradients + optimizer state + peak saved activations."""
-        return self.parameters + self.gradients + self.optimizer_state + self.activations
-
-    def scalars(self, prefix: str = "memory/") -> dict[str, float]:
-        """Flat ``{name: bytes}`` for loggers (CUDA figures only when present)."""
-        out = {f"{prefix}{c}": float(getattr(self, c)) for c in CATEGORIES}
-        out[f"{prefix}total"] = float(self.total)
-        if self.offloaded_optimizer_state:
-            out[f"{prefix}offloaded_optimizer_state"] = float(self.offloaded_optimizer_state)
-        if self.offloaded_parameters:
-            out[f"{prefix}offloaded_parameters"] = float(self.offloaded_parameters)
-        if self.cuda is not None:
-            out[f"{prefix}cuda_max_allocated"] = float(self.cuda.max_allocated)
-            out[f"{prefix}cuda_max_reserved"] = float(self.cuda.max_reserved)
-            out[f"{prefix}cuda_alloc_retries"] = float(self.cuda.alloc_retries)
-        return out
-
-    def grouped(self, depth: int | None = None) -> dict[str, ModuleBytes]:
-        """Per-module bytes summed up to the first ``depth`` name components.
-
-        ``depth=None`` keeps every module; ``depth=3`` folds
-        ``bert.encoder.layer.0.attention.self.query`` into ``bert.encoder.layer``
-        ... use ``depth=4`` to see one row per BERT layer.
-        """
-        if depth is not None and depth < 1:
-            raise ValueError(f"depth must be >= 1 or None, got {depth!r}")
-        out: dict[str, ModuleBytes] = collections.OrderedDict()
-        for name, mb in self.per_module.items():
-            key = name if depth is None or name == ROOT_NAME else ".".join(name.split(".")[:depth])
-            out.setdefault(key, ModuleBytes())
-            out[key] += mb
-        return out
-
-    def summary_table(self, title: str = "") -> str:
-        """Markdown table of the four categories and their total."""
-        rows = [("parameters", self.parameters), ("gradients", self.gradients),
-                ("optimizer state", self.optimizer_state),
-                ("activations (peak saved)", self.activations), ("**total**", self.total)]
-        if self.offloaded_optimizer_state:
-            rows.append(("optimizer state in host memory (not in total)",
-                         self.offloaded_optimizer_state))
-        if self.offloaded_parameters:
-            rows.append(("streamed weights' host copies (not in total)", self.offloaded_parameters))
-        if self.cuda is not None:
-            rows += [("cuda max_memory_allocated", self.cuda.max_allocated),
-                     ("cuda reserved peak", self.cuda.max_reserved)]
-        lines = [f"### {title}"] if title else []
-        lines += ["| category | bytes | size |", "|---|---:|---:|"]
-        lines += [f"| {k} | {v} | {format_bytes(v)} |" for k, v in rows]
-        if self.cuda is not None:
-            lines.append(f"| cuda alloc retries | {self.cuda.alloc_retries} | |")
-        return "\n".join(lines)
-
-    def module_table(self, depth: int | None = None) -> str:
-        """Markdown table, one row per (grouped) module, sizes in MiB."""
-        head = "| module | params MiB | grads MiB | optim MiB | activations MiB | total MiB |"
-        lines = [head, "|---|---:|---:|---:|---:|---:|"]
-        for name, mb in self.grouped(depth).items():
-            cells = [getattr(mb, c) / 2**20 for c in CATEGORIES] + [mb.total / 2**20]
-            lines.append(f"| {name} | " + " | ".join(f"{x:.2f}" for x in cells) + " |")
-        return "\n".join(lines)
-
-    def module_rows(self, depth: int | None = None) -> list[dict[str, Any]]:
-        """Per-module rows as plain dicts (for CSV writers and W&B tables)."""
-        return [{"module": n, **{c: getattr(mb, c) for c in CATEGORIES}, "total": mb.total}
-                for n, mb in self.grouped(depth).items()]
 
 
 # --------------------------------------------------------------------------
@@ -212,15 +67,10 @@ class MemoryReport:
 # --------------------------------------------------------------------------
 
 
-def _module_names(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    for name, mod in model.named_modules():
-        yield (name or ROOT_NAME), mod
-
-
 def _param_owners(model: nn.Module) -> dict[int, str]:
     """``id(param) -> qualified name of the module that owns it`` (first owner wins)."""
     owners: dict[int, str] = {}
-    for name, mod in _module_names(model):
+    for name, mod in report_modules(model):
         for p in mod.parameters(recurse=False):
             owners.setdefault(id(p), name)
     return owners
@@ -254,7 +104,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int, dict[str, int]]:
     seen: set = set()
     per: dict[str, int] = {}
     total = 0
-    for name, mod in _module_names(model):
+    for name, mod in report_modules(model):
         b = _unique_bytes(mod.parameters(recurse=False), seen)
         if b:
             per[name] = per.get(name, 0) + b
@@ -268,7 +118,7 @@ def count_gradients(model: nn.Module) -> tuple[int, dict[str, int]]:
     seen: set = set()
     per: dict[str, int] = {}
     total = 0
-    for name, mod in _module_names(model):
+    for name, mod in report_modules(model):
         b = _unique_bytes((p.grad for p in mod.parameters(recurse=False)
                            if p.grad is not None), seen)
         if b:
@@ -348,164 +198,6 @@ def count_optimizer_state(model: nn.Module,
 
 
 # --------------------------------------------------------------------------
-# Saved-for-backward activations
-# --------------------------------------------------------------------------
-
-
-class _Saved:
-    """What the pack hook hands to autograd: the tensor plus a release callback.
-
-    Autograd drops it when the node's saved variables are freed (after that
-    node's backward, or when the graph is discarded); ``__del__`` then releases
-    the storage's reference in the tracker.
-    """
-
-    __slots__ = ("tensor", "key", "tracker", "__weakref__")
-
-    def __init__(self, tensor: torch.Tensor, key: Any, tracker: "SavedTensorTracker"):
-        self.tensor = tensor
-        self.key = key
-        self.tracker = tracker
-
-    def __del__(self):
-        self.tracker._release(self.key)
-
-
-class _Passed:
-    """A saved tensor the tracker does not count: a parameter or buffer, or one
-    the hooks outside it moved off the device (activation offload)."""
-
-    __slots__ = ("packed",)
-
-    def __init__(self, packed: Any):
-        self.packed = packed
-
-
-class SavedTensorTracker:
-    """Counts the live bytes of tensors saved for backward, with their peak.
-
-    Use as a context manager around forward (and backward); the module hooks
-    and the saved-tensor hooks exist only inside it, so a model outside a
-    measurement pays nothing. ``peak`` is the maximum over the context of the
-    bytes of distinct storages held by autograd; ``peak_by_module`` is how that
-    peak splits over the modules that saved them.
-
-    Example:
-        >>> m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-        >>> with SavedTensorTracker(m) as tr:
-        ...     m(torch.randn(3, 4)).sum().backward()
-        >>> tr.peak > 0
-        True
-    """
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.peak = 0
-        self.live = 0
-        self.peak_by_module: dict[str, int] = {}
-        self._refs: dict[Any, int] = {}
-        self._sizes: dict[Any, int] = {}
-        self._owner: dict[Any, str] = {}
-        self._live_by_module: dict[str, int] = collections.defaultdict(int)
-        self._snapshot_due = False
-        self._stack: list[str] = []
-        self._excluded: set = set()
-        self._handles: list[Any] = []
-        self._hooks_cm: contextlib.AbstractContextManager | None = None
-        self._outer: tuple[Callable, Callable] | None = None
-
-    # -- context -----------------------------------------------------------
-    def __enter__(self) -> "SavedTensorTracker":
-        if self._hooks_cm is not None:
-            raise LedgerError("SavedTensorTracker is already active; it cannot be nested.")
-        # Parameters and buffers are counted elsewhere; a Linear's saved
-        # weight.t() is a view of the parameter's storage and maps to it here.
-        # By StorageImpl identity, not address: a streamed weight's storage is
-        # resized in place (slimfit.stream), and an activation may be allocated
-        # at the address it just freed.
-        self._excluded = {storage_identity(t) for t in self.model.parameters()}
-        self._excluded |= {storage_identity(t) for t in self.model.buffers()}
-        for name, mod in _module_names(self.model):
-            self._handles.append(mod.register_forward_pre_hook(self._make_pre(name)))
-            self._handles.append(mod.register_forward_hook(self._post, always_call=True))
-        # hooks already active (activation offload entered first) keep working:
-        # every saved tensor goes on to them, and what they move off the device
-        # is not counted, whichever was entered first
-        self._outer = top_saved_tensors_hooks()
-        self._hooks_cm = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-        self._hooks_cm.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Remove every hook (idempotent). Tensors already saved keep being tracked
-        until autograd releases them, so a backward after ``close`` is still seen."""
-        if self._hooks_cm is not None:
-            self._hooks_cm.__exit__(None, None, None)
-            self._hooks_cm = None
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self._stack.clear()
-
-    # -- module attribution -------------------------------------------------
-    def _make_pre(self, name: str) -> Callable:
-        def pre(_mod, _args):
-            self._stack.append(name)
-        return pre
-
-    def _post(self, _mod, _args, _out):
-        if self._stack:
-            self._stack.pop()
-
-    # -- saved tensor hooks -------------------------------------------------
-    def _pack(self, t: torch.Tensor) -> Any:
-        packed = self._outer[0](t) if self._outer else t
-        sid = storage_identity(t)
-        if sid in self._excluded or not torch.is_tensor(packed) or storage_identity(packed) != sid:
-            return _Passed(packed.detach() if packed is t else packed)
-        key, nbytes = storage_key(t)
-        n = self._refs.get(key, 0)
-        self._refs[key] = n + 1
-        if n == 0:
-            owner = self._stack[-1] if self._stack else ROOT_NAME
-            self._sizes[key] = nbytes
-            self._owner[key] = owner
-            self.live += nbytes
-            self._live_by_module[owner] += nbytes
-            if self.live > self.peak:
-                self.peak = self.live
-                self._snapshot_due = True
-        # detach: no cycle through grad_fn
-        return _Saved(packed.detach() if packed is t else packed, key, self)
-
-    def _unpack(self, obj: Any) -> torch.Tensor:
-        inner = obj.packed if isinstance(obj, _Passed) else obj.tensor
-        return self._outer[1](inner) if self._outer else inner
-
-    def _release(self, key: Any) -> None:
-        n = self._refs.get(key, 0) - 1
-        if n > 0:
-            self._refs[key] = n
-            return
-        if self._snapshot_due:  # the live set is at its peak: remember its split
-            self.peak_by_module = {k: v for k, v in self._live_by_module.items() if v}
-            self._snapshot_due = False
-        self._refs.pop(key, None)
-        nbytes = self._sizes.pop(key, 0)
-        self.live -= nbytes
-        self._live_by_module[self._owner.pop(key, ROOT_NAME)] -= nbytes
-
-    def finalize(self) -> None:
-        """Freeze ``peak_by_module`` if the peak was never followed by a release."""
-        if self._snapshot_due:
-            self.peak_by_module = {k: v for k, v in self._live_by_module.items() if v}
-            self._snapshot_due = False
-
-
-# --------------------------------------------------------------------------
 # One measured step
 # --------------------------------------------------------------------------
 
@@ -557,7 +249,7 @@ def build_report(model: nn.Module, tracker: SavedTensorTracker,
         p_total += streamer.peak_resident_bytes - streamer.resident_bytes
         host_params = streamer.host_bytes()
     per: dict[str, ModuleBytes] = {}
-    for name, _ in _module_names(model):
+    for name, _ in report_modules(model):
         mb = ModuleBytes(parameters=p_per.get(name, 0), gradients=grads[1].get(name, 0),
                          optimizer_state=optim[1].get(name, 0),
                          activations=tracker.peak_by_module.get(name, 0))

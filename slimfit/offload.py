@@ -26,8 +26,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from slimfit.hooks import is_parameter_or_view
-from slimfit.ledger import storage_identity, storage_key
+from slimfit.storage import is_parameter_or_view, storage_identity, storage_key
 
 __all__ = ["ActivationOffloader", "OptimizerStateOffloader", "activation_offload"]
 

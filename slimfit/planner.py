@@ -21,22 +21,26 @@ accuracy risk and slowdown for the memory.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import re
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from slimfit.compress import ActivationCompressor, CompressionConfig
+from slimfit.compress import CompressionConfig
+from slimfit.config import SlimFitConfig
 from slimfit.errors import SlimFitError
 from slimfit.freezer import LayerFreezer
-from slimfit.ledger import MemoryReport, format_bytes, measure_step
-from slimfit.offload import OptimizerStateOffloader, activation_offload
-from slimfit.stream import StreamConfig, WeightStreamer
+from slimfit.report import MemoryReport, format_bytes
+from slimfit.session import SessionConfig, SlimFitSession
+from slimfit.storage import storage_identity
+from slimfit.stream import StreamConfig, WeightStreamer, default_stream_units
 
 __all__ = ["parse_budget", "Candidate", "Plan", "BudgetError", "default_candidates",
-           "plan_for_budget", "build_plan", "optimizer_like"]
+           "plan_for_budget", "optimizer_like"]
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
           "gb": 1000**3, "t": 1000**4, "tb": 1000**4, "kib": 2**10, "mib": 2**20, "gib": 2**30,
@@ -64,13 +68,16 @@ def parse_budget(budget: str | int | float) -> int:
             raise BudgetError(f"cannot parse memory budget {budget!r}: write a number and a unit, "
                               "e.g. '12GiB', '800MiB', '16GB' or a number of bytes.")
         value = float(m.group(1)) * _UNITS[m.group(2).lower()]
-    if not value > 0:
-        raise BudgetError(f"memory budget must be positive, got {budget!r}.")
+    if not 1 <= value < float("inf"):  # int(0.5) would be a budget of 0 bytes
+        raise BudgetError(f"memory budget must be a positive, finite size of at least one byte "
+                          f"such as '12GiB', got {budget!r}.")
     return int(value)
 
 
 @dataclasses.dataclass(frozen=True)
 class Candidate:
+    """One configuration the planner may choose: which techniques are on."""
+
     freeze_rate: float
     offload_optimizer_state: bool = False
     compression: bool = False
@@ -85,6 +92,21 @@ class Candidate:
                                   ("weight streaming", self.stream_weights),
                                   ("activation offload", self.offload_activations)) if on]
         return " + ".join(parts)
+
+    def session_config(self, base: SessionConfig, resident: int = 2) -> SessionConfig:
+        """``base`` with this candidate's techniques switched on or off; every
+        other option (selection, scores, compression settings, stream units)
+        is the user's, carried by ``dataclasses.replace``."""
+        stream = None
+        if self.stream_weights:
+            stream = dataclasses.replace(base.stream or StreamConfig(), resident=resident,
+                                         prefetch=min(2, resident - 1))
+        return dataclasses.replace(
+            base, freezing=dataclasses.replace(base.freezing or SlimFitConfig(),
+                                               freeze_rate=self.freeze_rate),
+            compression=(base.compression or CompressionConfig()) if self.compression else None,
+            offload_optimizer_state=self.offload_optimizer_state,
+            offload_activations=self.offload_activations, stream=stream)
 
 
 def default_candidates(cuda: bool | None = None, stream: bool = True) -> list[Candidate]:
@@ -106,11 +128,17 @@ class Plan:
     """The chosen configuration and its expected steady-state peak (bytes)."""
 
     candidate: Candidate
+    #: what to build the session from: ``SlimFitSession(model, plan.config)``
+    config: SessionConfig
     budget: int
     expected: dict[str, int]
     tried: tuple[tuple[str, int], ...]
-    #: (k, k') of weight streaming when the candidate streams, else None
-    stream: tuple[int, int] | None = None
+
+    @property
+    def stream(self) -> tuple[int, int] | None:
+        """(k, k') of weight streaming when the plan streams, else None."""
+        s = self.config.stream
+        return (s.resident, s.prefetch) if s is not None else None
 
     @property
     def expected_total(self) -> int:
@@ -132,16 +160,61 @@ class Plan:
         return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def _unit_inputs(model: nn.Module, units: Sequence, compressor=None) -> Iterator[list]:
+    """Record, per unit, ``(input storage, bytes)`` of the floating-point input
+    of the module that owns it: the dynamic activation its training adds (a
+    Linear saves its input for dW), at the width compression stores it
+    (``int8`` of fp32: a quarter). Q, K and V share one input storage."""
+    owner = {id(p): m for _, m in model.named_modules() for p in m.parameters(recurse=False)}
+    ratio: dict[int, float] = {}
+    for kind in ("ffn_down_input", "linear_input"):
+        tr = getattr(compressor.config, kind) if compressor is not None else None
+        for _, m in (compressor.targets.get(kind, []) if tr is not None and tr.bits else []):
+            ratio[id(m)] = tr.bits / 32
+    by_module: dict[int, tuple[nn.Module, list[int]]] = {}
+    for i, u in enumerate(units):
+        for p in u.params:
+            by_module.setdefault(id(owner[id(p)]), (owner[id(p)], []))[1].append(i)
+    seen: list = [(None, 0)] * len(units)
+
+    def pre(mod, args, idx):
+        x = next((a for a in args if torch.is_tensor(a) and a.is_floating_point()), None)
+        if x is not None:
+            b = int(x.numel() * x.element_size() * ratio.get(id(mod), 1.0))
+            for i in idx:
+                seen[i] = (storage_identity(x), max(seen[i][1], b))
+
+    handles = [m.register_forward_pre_hook(functools.partial(pre, idx=idx))
+               for m, idx in by_module.values()]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _worst_dynamic(inputs: Sequence, frozen: Sequence[int], n_train: int) -> int:
+    """Bytes by which the dynamic activations of the worst trained set (the
+    n_train units with the largest inputs) may exceed the measured step's."""
+    def cost(idx):  # a shared input is saved once
+        return sum(dict(inputs[i] for i in idx).values())
+
+    fz = set(frozen)
+    worst = sorted(range(len(inputs)), key=lambda i: inputs[i][1], reverse=True)[:n_train]
+    return max(0, cost(worst) - cost([i for i in range(len(inputs)) if i not in fz]))
+
+
 def _expected(rep: MemoryReport, opt: torch.optim.Optimizer, freezer: LayerFreezer | None,
               cand: Candidate, margin: float, streamer: WeightStreamer | None = None,
-              k: int | None = None) -> dict[str, int]:
+              k: int | None = None, extra_activations: int = 0) -> dict[str, int]:
     """Steady state from one calibration step, as upper bounds: gradients (and,
     with offload, resident optimizer state) for the largest set of units a step
     may train; optimizer state for every tensor once each has been trained;
-    activations as measured plus ``margin`` (the trained set changes which
-    dynamic activations are saved); with weight streaming, the weights outside
-    the streamed blocks, plus the k largest blocks whole, plus the largest
-    trainable set (it stays resident)."""
+    activations as measured, plus what the worst trained set may add
+    (``extra_activations``), plus ``margin``; with weight streaming, the
+    weights outside the streamed blocks, plus the k largest blocks whole, plus
+    the largest trainable set (it stays resident)."""
     nbytes = lambda ps: sum(p.numel() * p.element_size() for p in ps)  # noqa: E731
     in_opt = [p for g in opt.param_groups for p in g["params"]]
     with_state = [p for p in in_opt if opt.state.get(p)]
@@ -155,7 +228,8 @@ def _expected(rep: MemoryReport, opt: torch.optim.Optimizer, freezer: LayerFreez
         trainable = all_bytes - sum(unit_bytes) + sum(unit_bytes[:n_train])
     resident = trainable if cand.offload_optimizer_state else all_bytes
     grads = trainable  # gradients have their parameters' size
-    acts = 0 if cand.offload_activations else int(rep.activations * (1 + margin))
+    acts = 0 if cand.offload_activations else \
+        int((rep.activations + extra_activations) * (1 + margin))
     opt_bytes = int(per_byte * resident)
     params, host_params = rep.parameters, 0
     if streamer is not None:
@@ -178,11 +252,16 @@ def _expected(rep: MemoryReport, opt: torch.optim.Optimizer, freezer: LayerFreez
             "host_parameters": host_params}
 
 
+def _has_stream_units(model: nn.Module, stream: StreamConfig | None) -> bool:
+    """Weight streaming can be offered: the user named units, or the model has a
+    list of repeated blocks to stream."""
+    return (stream is not None and stream.units is not None) or bool(default_stream_units(model))
+
+
 def plan_for_budget(model: nn.Module, make_optimizer: Callable[[list], torch.optim.Optimizer],
                     loss_fn: Callable[[], torch.Tensor], budget: str | int,
-                    candidates: Sequence[Candidate] | None = None, seed: int = 0,
-                    compression: CompressionConfig | None = None, activation_margin: float = 0.1,
-                    **freezer_options) -> Plan:
+                    candidates: Sequence[Candidate] | None = None,
+                    base: SessionConfig | None = None, activation_margin: float = 0.1) -> Plan:
     """Measure calibration steps and return the first candidate that fits.
 
     The model's weights are restored after each calibration step (a host
@@ -194,25 +273,30 @@ def plan_for_budget(model: nn.Module, make_optimizer: Callable[[list], torch.opt
         make_optimizer: builds the optimizer used in training from a parameter list.
         loss_fn: zero-argument forward pass returning the loss of one batch.
         budget: bytes or a size string (``"12GiB"``).
-        candidates: configurations to try, least aggressive first.
-        compression: the compression settings for candidates that compress.
+        candidates: configurations to try, least aggressive first. Weight
+            streaming is dropped for a model with no repeated blocks (and no
+            ``base.stream.units``): every budget then gives a plan or a
+            :class:`BudgetError`.
+        base: the user's options (freezing selection and scores, compression
+            settings, stream units); each candidate switches techniques on or
+            off in a copy of it, nothing else.
         activation_margin: headroom on measured activations (the trained set,
             hence the dynamic activations, changes from step to step).
-        **freezer_options: :class:`slimfit.config.SlimFitConfig` options
-            (``include``, ``exclude``, ``always_train`` ...).
 
     Raises:
         BudgetError: malformed budget, or no candidate fits (the message
             gives the smallest reachable peak).
     """
     budget_b = parse_budget(budget)
+    base = base if base is not None else SessionConfig(freezing=SlimFitConfig())
     candidates = list(candidates or default_candidates())
+    if not _has_stream_units(model, base.stream):
+        candidates = [c for c in candidates if not c.stream_weights]
     saved = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     tried: list[tuple[str, int]] = []
     try:
         for cand in candidates:
-            by_k = _calibrate(model, make_optimizer, loss_fn, cand, seed, compression,
-                              activation_margin, freezer_options)
+            by_k = _calibrate(model, make_optimizer, loss_fn, cand, base, activation_margin)
             model.load_state_dict(saved)
             fits = [k for k, e in by_k.items() if e["total"] <= budget_b]
             k = max(fits) if fits else min(by_k)  # more blocks resident: fewer transfers
@@ -220,8 +304,8 @@ def plan_for_budget(model: nn.Module, make_optimizer: Callable[[list], torch.opt
             label = cand.label() + (f" (k={k})" if cand.stream_weights else "")
             tried.append((label, expected["total"]))
             if fits:
-                stream = (k, min(2, k - 1)) if cand.stream_weights else None
-                return Plan(cand, budget_b, expected, tuple(tried), stream)
+                return Plan(cand, cand.session_config(base, resident=k or 2), budget_b, expected,
+                            tuple(tried))
     finally:
         model.load_state_dict(saved)
         model.zero_grad(set_to_none=True)
@@ -232,46 +316,25 @@ def plan_for_budget(model: nn.Module, make_optimizer: Callable[[list], torch.opt
         "batch size or sequence length, or use a smaller model.")
 
 
-def _calibrate(model, make_optimizer, loss_fn, cand: Candidate, seed, compression, margin,
-               options) -> dict[int | None, dict]:
+def _calibrate(model, make_optimizer, loss_fn, cand: Candidate, base: SessionConfig,
+               margin: float) -> dict[int | None, dict]:
     """Expected peaks of ``cand``: ``{None: ...}``, or ``{k: ...}`` for every k
     (blocks resident) when it streams weights (one step measured at k=2, k'=1)."""
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad])
-    freezer = LayerFreezer(model, freeze_rate=cand.freeze_rate, seed=seed, **options) \
-        if cand.freeze_rate > 0 else None
-    comp = ActivationCompressor(model, compression or CompressionConfig()).install() \
-        if cand.compression else None
-    off = streamer = None
+    session = SlimFitSession(model, cand.session_config(base, resident=2))
     try:
-        if freezer is not None:
-            frozen = freezer.decide()
-            freezer.apply(frozen)
-            if cand.offload_optimizer_state:
-                off = OptimizerStateOffloader(opt, [u.params for u in freezer.units])
-                off.sync(frozen)
-        if cand.stream_weights:
-            streamer = WeightStreamer(model, StreamConfig(resident=2, prefetch=1)).install()
-
-        def step():
-            if cand.offload_activations:
-                with activation_offload(model):
-                    loss_fn().backward()
-            else:
-                loss_fn().backward()
-
-        rep = measure_step(model, opt, step, off.host_storage_keys() if off else None,
-                           streamer=streamer)
-        if streamer is None:
-            return {None: _expected(rep, opt, freezer, cand, margin)}
-        return {k: _expected(rep, opt, freezer, cand, margin, streamer, k)
-                for k in range(1, len(streamer.units) + 1)}
+        frozen = session.start(opt).decide()
+        with _unit_inputs(model, session.units, session.compressor) as inputs:
+            rep = session.step(loss_fn, measure=True, frozen=frozen)
+        freezer = session.freezer if cand.freeze_rate > 0 else None
+        extra = _worst_dynamic(inputs, frozen, len(session.units) - len(frozen)) \
+            if freezer is not None else 0
+        if session.streamer is None:
+            return {None: _expected(rep, opt, freezer, cand, margin, extra_activations=extra)}
+        return {k: _expected(rep, opt, freezer, cand, margin, session.streamer, k, extra)
+                for k in range(1, len(session.streamer.units) + 1)}
     finally:
-        if streamer is not None:
-            streamer.remove()
-        if comp is not None:
-            comp.remove()
-        if freezer is not None:
-            freezer.restore()
+        session.stop()
         opt.state.clear()
 
 
@@ -282,21 +345,3 @@ def optimizer_like(optimizer: torch.optim.Optimizer) -> Callable[[list], torch.o
     accepted = inspect.signature(type(opt).__init__).parameters
     kwargs = {k: v for k, v in opt.defaults.items() if k in accepted}
     return lambda params: type(opt)(params, **kwargs)
-
-
-def build_plan(plan: Plan, model: nn.Module, optimizer: torch.optim.Optimizer,
-               compression: CompressionConfig | None = None, seed: int = 0, **freezer_options
-               ) -> tuple[LayerFreezer, ActivationCompressor | None, OptimizerStateOffloader | None,
-                          StreamConfig | None]:
-    """The components that train ``model`` as ``plan`` says (compressor
-    installed), and the :class:`StreamConfig` to stream weights with, if any
-    (install a :class:`WeightStreamer` with it once the model is placed)."""
-    c = plan.candidate
-    freezer = LayerFreezer(model, freeze_rate=c.freeze_rate, seed=seed, **freezer_options)
-    comp = ActivationCompressor(model, compression or CompressionConfig()).install() \
-        if c.compression else None
-    off = OptimizerStateOffloader(optimizer, [u.params for u in freezer.units]) \
-        if c.offload_optimizer_state else None
-    stream = StreamConfig(resident=plan.stream[0], prefetch=plan.stream[1]) \
-        if plan.stream is not None else None
-    return freezer, comp, off, stream

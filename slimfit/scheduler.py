@@ -2,12 +2,29 @@
 each optimizer step, as pure logic over names and scores.
 
 Each step, with ``t`` candidate units and freezing rate ``r``, exactly
-``k = floor(r * t)`` units are frozen and ``t - k`` trained. Units are ranked
-for training by, in order: never measured (the initial pass: every unit is
-trained once, in a seeded random round robin), forced by staleness (frozen for
-at least ``max_frozen_age`` consecutive steps, if set; oldest first), then score (highest
-relative weight change first), ties broken by a seeded random key. Only
-trained units get fresh scores; a frozen unit keeps its last (stale) score.
+``k = floor(r * t)`` units are frozen and ``n = t - k`` trained. The trained
+slots are filled in this order:
+
+1. never measured units (the initial pass: every unit is trained once, in a
+   seeded random round robin);
+2. units forced by staleness (frozen for at least ``max_frozen_age``
+   consecutive steps, if set; oldest first);
+3. ``floor(reserve_fraction * n)`` reserved slots for the least recently
+   trained of the rest (oldest frozen first), so that a few units with high
+   stale scores cannot hog every update;
+4. the rest by score: ``"topk"`` takes the highest, ``"sample"`` draws without
+   replacement with probability proportional to the scores (Efraimidis and
+   Spirakis' keys ``u ** (1 / s)``, equivalent to successive proportional
+   draws), so that lower-scored units still get trained now and then.
+
+Ties are broken by a seeded random key. Only trained units get fresh scores; a
+frozen unit keeps its last (stale) score. With ``frozen_score_decay = d`` the
+authority of that old measurement decays: a unit frozen for ``age`` steps
+competes with ``s / d ** age`` (computed when deciding; the stored score stays
+the measured one), so a unit frozen for its low score rises step by step and
+comes back on its own (d = 0.99: x2 after ~70 frozen steps, x10 after ~230).
+Without it (the paper) stale scores age only implicitly, as the learning rate
+decays and fresh scores shrink.
 
 The state is plain Python (names, floats, ints, the RNG state), so it
 checkpoints through Lightning and resumes to the same decisions.
@@ -21,7 +38,10 @@ from typing import Any, Sequence
 
 from slimfit.errors import CheckpointMismatchError, SlimFitError
 
-__all__ = ["InterLayerScheduler"]
+__all__ = ["InterLayerScheduler", "SELECTIONS"]
+
+#: How the score-ranked trained slots are filled (``SlimFitConfig.selection``).
+SELECTIONS = ("topk", "sample")
 
 STATE_VERSION = 1
 
@@ -34,6 +54,11 @@ class InterLayerScheduler:
         freeze_rate: r in [0, 1).
         seed: seed of the round robin and tie-breaks.
         max_frozen_age: optional staleness bound (steps).
+        frozen_score_decay: optional d in (0, 1]: a stale score counts as
+            ``s / d ** age``.
+        selection: ``"topk"`` or ``"sample"``.
+        reserve_fraction: fraction in [0, 1) of the trained slots reserved for
+            the least recently trained units.
 
     Example:
         >>> s = InterLayerScheduler(["a", "b", "c", "d"], freeze_rate=0.5, seed=0)
@@ -43,14 +68,26 @@ class InterLayerScheduler:
     """
 
     def __init__(self, names: Sequence[str], freeze_rate: float, seed: int = 0,
-                 max_frozen_age: int | None = None):
+                 max_frozen_age: int | None = None, frozen_score_decay: float | None = None,
+                 selection: str = "topk", reserve_fraction: float = 0.0):
         if not names:
             raise SlimFitError("InterLayerScheduler needs at least one unit name.")
         if len(set(names)) != len(names):
-            raise SlimFitError("InterLayerScheduler unit names must be unique.")
+            dup = sorted({n for n in names if list(names).count(n) > 1})[:5]
+            raise SlimFitError(f"InterLayerScheduler unit names must be unique; repeated: {dup}.")
         if not 0.0 <= freeze_rate < 1.0:
             raise SlimFitError(f"freeze_rate must be in [0, 1), got {freeze_rate!r}.")
+        if frozen_score_decay is not None and not 0.0 < frozen_score_decay <= 1.0:
+            raise SlimFitError(f"frozen_score_decay must be None or in (0, 1], got "
+                               f"{frozen_score_decay!r}.")
+        if selection not in SELECTIONS:
+            raise SlimFitError(f"selection must be one of {SELECTIONS}, got {selection!r}.")
+        if not 0.0 <= reserve_fraction < 1.0:
+            raise SlimFitError(f"reserve_fraction must be in [0, 1), got {reserve_fraction!r}.")
         self.names = list(names)
+        self.frozen_score_decay = frozen_score_decay
+        self.selection = selection
+        self.reserve_fraction = float(reserve_fraction)
         self.freeze_rate = float(freeze_rate)
         self.max_frozen_age = max_frozen_age
         self.scores: list[float | None] = [None] * len(names)  # None: never measured
@@ -67,35 +104,72 @@ class InterLayerScheduler:
     def initial_pass_done(self) -> bool:
         return all(s is not None for s in self.scores)
 
+    def effective_scores(self) -> list[float | None]:
+        """Scores as the next decision sees them: a stale score divided by
+        ``frozen_score_decay ** age`` (``None``: never measured)."""
+        d = self.frozen_score_decay
+        if d is None or d == 1.0:
+            return list(self.scores)
+        # exp(min(., 700)): a very old unit gets a huge but finite boost (no OverflowError)
+        return [None if s is None else s * math.exp(min(-a * math.log(d), 700.0))
+                for s, a in zip(self.scores, self.ages)]
+
     def decide(self) -> list[int]:
         """Indices of the units to freeze in the coming step (sorted).
 
         Consumes random numbers: call once per optimizer step.
         """
-        age_cap = self.max_frozen_age
-        keys = []
-        for i, s in enumerate(self.scores):
-            tie = self._rng.random()
+        t = len(self.names)
+        n_train = t - self.num_frozen
+        ties = [self._rng.random() for _ in range(t)]  # one per unit, as always
+        scores, ages, cap = self.effective_scores(), self.ages, self.max_frozen_age
+        first, rest = [], []  # (1) never measured, (2) forced by age; the rest
+        for i, s in enumerate(scores):
             if s is None:
-                tier, val = 2, 0.0
-            elif age_cap is not None and self.ages[i] >= age_cap:
-                tier, val = 1, float(self.ages[i])  # oldest first, so every unit comes back
+                first.append((2, 0.0, ties[i], i))
+            elif cap is not None and ages[i] >= cap:
+                first.append((1, float(ages[i]), ties[i], i))  # oldest first: all come back
             else:
-                tier, val = 0, s
-            keys.append((tier, val, tie, i))
-        keys.sort(reverse=True)  # best candidates for training first
-        n_train = len(self.names) - self.num_frozen
-        return sorted(i for *_, i in keys[n_train:])
+                rest.append(i)
+        first.sort(reverse=True)
+        trained = [i for *_, i in first[:n_train]]
+        # (3) reserved slots: the least recently trained (largest age) of the rest
+        n_res = min(math.floor(self.reserve_fraction * n_train), n_train - len(trained))
+        if n_res > 0:
+            rest.sort(key=lambda i: (ages[i], ties[i]), reverse=True)
+            trained += rest[:n_res]
+            rest = rest[n_res:]
+        # (4) the remaining slots by score
+        if self.selection == "sample":
+            keys = {}
+            for i in rest:  # Efraimidis-Spirakis: log(u) / s, larger first; s = 0 last
+                u = 1.0 - self._rng.random()  # in (0, 1]
+                keys[i] = (math.log(u) / scores[i] if scores[i] > 0 else -math.inf, ties[i])
+            rest.sort(key=keys.__getitem__, reverse=True)
+        else:
+            rest.sort(key=lambda i: (scores[i], ties[i]), reverse=True)
+        trained += rest[:n_train - len(trained)]
+        keep = set(trained)
+        return [i for i in range(t) if i not in keep]
 
     def update(self, frozen: Sequence[int], scores: Sequence[float] | None) -> None:
         """Record a finished step: ``scores`` of the trained units (in index
-        order), or ``None`` when the step changed no weight (skipped by the
-        grad scaler, or a zero learning rate): not a measurement."""
+        order), or ``None`` when the step measured nothing (skipped by the
+        grad scaler, a zero learning rate, a non-finite loss or score).
+
+        Raises:
+            SlimFitError: a score count that does not match, or a NaN/inf
+                score (the caller must pass ``None`` for such a step).
+        """
         fz = set(frozen)
         trained = [i for i in range(len(self.names)) if i not in fz]
         if scores is not None:
             if len(scores) != len(trained):
                 raise SlimFitError(f"got {len(scores)} scores for {len(trained)} trained units.")
+            bad = [self.names[i] for i, s in zip(trained, scores) if not math.isfinite(s)]
+            if bad:
+                raise SlimFitError(f"non-finite scores for units {bad[:5]}: a NaN would never be "
+                                   "frozen; record the step with scores=None instead.")
             for i, s in zip(trained, scores):
                 self.scores[i] = float(s)
         for i in range(len(self.names)):
@@ -106,6 +180,8 @@ class InterLayerScheduler:
     def state_dict(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, "names": list(self.names),
                 "freeze_rate": self.freeze_rate, "max_frozen_age": self.max_frozen_age,
+                "frozen_score_decay": self.frozen_score_decay, "selection": self.selection,
+                "reserve_fraction": self.reserve_fraction,
                 "scores": list(self.scores), "ages": list(self.ages), "step": self.step,
                 "rng_state": self._rng.getstate()}
 
@@ -118,8 +194,11 @@ class InterLayerScheduler:
         """
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise CheckpointMismatchError(
-                f"not a SlimFit scheduler state (version {state.get('version') if isinstance(state, dict) else None!r}, "
-                f"expected {STATE_VERSION}); the checkpoint is corrupt or from another tool.")
+                "not a SlimFit scheduler state (got "
+                + (f"version {state.get('version')!r}" if isinstance(state, dict) else
+                   f"a {type(state).__name__}, not a dict")
+                + f"; expected version {STATE_VERSION}); the checkpoint is corrupt or from "
+                "another tool.")
         names = state.get("names")
         if names != self.names:
             names = list(names or [])
@@ -139,9 +218,16 @@ class InterLayerScheduler:
             rng_state = (rng_state[0], tuple(rng_state[1]), rng_state[2])
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise CheckpointMismatchError(f"corrupt SlimFit scheduler state: {e!r}.") from e
-        if len(scores) != n or len(ages) != n:
+        try:  # validate before anything is changed
+            random.Random().setstate(rng_state)
+        except (TypeError, ValueError) as e:
+            raise CheckpointMismatchError(f"corrupt SlimFit scheduler state: rng_state "
+                                          f"{str(rng_state)[:60]!r} is not a random.Random "
+                                          f"state ({e}).") from e
+        if len(scores) != n or len(ages) != n or \
+                any(s is not None and not math.isfinite(s) for s in scores):
             raise CheckpointMismatchError(
                 f"corrupt SlimFit scheduler state: {len(scores)} scores and {len(ages)} ages "
-                f"for {n} units.")
+                f"for {n} units, or a non-finite score.")
         self.scores, self.ages, self.step = scores, ages, step
         self._rng.setstate(rng_state)

@@ -11,7 +11,9 @@ Patterns mean one thing everywhere: a string is a regular expression that must
 match the full qualified parameter name; a list (or tuple) of strings matches a
 name exactly or as a dotted suffix (``"classifier.weight"`` matches
 ``model.classifier.weight``). Parameters are tracked by identity and reported
-by name, never matched by value.
+by name, never matched by value. The same patterns choose modules
+(:func:`select_modules`, for compression and weight streaming), and
+:func:`refuse_compiled` finds a ``torch.compile``-d module anywhere in a model.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ from typing import Callable, Iterator, Sequence, Union
 
 from torch import nn
 
-from slimfit.errors import SelectionError
+from slimfit.errors import SelectionError, SlimFitError
 
 __all__ = ["Pattern", "Unit", "Selection", "iter_modules", "iter_parameters", "matches",
-           "is_default_candidate", "select_units", "preview"]
+           "is_default_candidate", "select_modules", "select_units", "preview", "validate_pattern",
+           "compiled_modules", "is_compiled", "refuse_compiled"]
 
 #: A regex (full match) or a list of exact / dotted-suffix names.
 Pattern = Union[str, Sequence[str]]
@@ -41,12 +44,52 @@ def iter_modules(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool] |
             yield name, mod
 
 
+def _compiled(mod: nn.Module) -> bool:
+    # torch.compile(mod) wraps it in an OptimizedModule holding ``_orig_mod``;
+    # mod.compile() keeps the module and sets ``_compiled_call_impl``
+    return type(mod).__name__ == "OptimizedModule" or "_orig_mod" in mod._modules \
+        or getattr(mod, "_compiled_call_impl", None) is not None
+
+
+def compiled_modules(model: nn.Module) -> list[str]:
+    """Qualified names of the outermost modules of ``model`` that went through
+    ``torch.compile`` (``""`` for ``model`` itself), in model order: after
+    ``m.encoder = torch.compile(m.encoder)`` or ``m.encoder.compile()``, both
+    give ``["encoder"]``.
+    """
+    found: list[str] = []
+    for name, mod in iter_modules(model):
+        inside = any(not f or name.startswith(f + ".") for f in found)  # "" is the model
+        if not inside and _compiled(mod):
+            found.append(name)
+    return found
+
+
 def is_compiled(model: nn.Module) -> bool:
-    """True if ``model`` or a submodule went through ``torch.compile`` (saved-tensor
-    hooks, which compression and weight streaming rely on, do not work there)."""
-    if type(model).__name__ == "OptimizedModule" or hasattr(model, "_orig_mod"):
-        return True
-    return any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+    """True if ``model`` or any module inside it went through ``torch.compile``
+    (saved-tensor hooks, which compression and weight streaming rely on, run
+    all at once at the end of a compiled forward: pytorch #148222)."""
+    return bool(compiled_modules(model))
+
+
+def refuse_compiled(model: nn.Module, why: str) -> None:
+    """Raise if ``model`` or a module inside it is compiled, naming which.
+
+    Args:
+        model: the model a feature is about to hook.
+        why: the rest of the message: why the feature cannot work compiled,
+            and what to do instead.
+
+    Raises:
+        SlimFitError: ``"the model (...) is torch.compile'd: <why>"`` or
+            ``"torch.compile'd submodule(s) 'bert.encoder': <why>"``.
+    """
+    names = compiled_modules(model)
+    if names == [""]:
+        raise SlimFitError(f"the model ({type(model).__name__}) is torch.compile'd: {why}")
+    if names:
+        shown = ", ".join(repr(n) for n in names[:4]) + (" ..." if len(names) > 4 else "")
+        raise SlimFitError(f"torch.compile'd submodule(s) {shown}: {why}")
 
 
 def iter_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter, nn.Module]]:
@@ -66,7 +109,17 @@ def matches(name: str, pattern: Pattern) -> bool:
     return any(name == s or name.endswith("." + s) for s in pattern)
 
 
-def _validate_pattern(pattern: Pattern | None, field: str) -> None:
+def validate_pattern(pattern: Pattern | None, field: str) -> None:
+    """Raise if ``pattern`` is neither None, a valid regex, nor a list of names.
+
+    Args:
+        pattern: the value a user gave.
+        field: the option's name, used in the message (``"include"``,
+            ``"StreamConfig.units"``).
+
+    Raises:
+        SelectionError: an invalid regex, or a value of another type.
+    """
     if pattern is None:
         return
     if isinstance(pattern, str):
@@ -129,11 +182,40 @@ class Selection:
                 "frozen by the user")
 
 
-def _no_match_error(field: str, pattern: Pattern, names: Sequence[str]) -> SelectionError:
+def _no_match_error(field: str, pattern: Pattern, names: Sequence[str],
+                    what: str = "parameter") -> SelectionError:
     sample = ", ".join(names[:6])
     return SelectionError(
-        f"{field}={pattern!r} matched no parameter. Patterns are full-match regexes (a string) "
-        f"or exact/dotted-suffix names (a list). Some parameter names in this model: {sample}.")
+        f"{field}={pattern!r} matched no {what}. Patterns are full-match regexes (a string) "
+        f"or exact/dotted-suffix names (a list). Some {what} names in this model: {sample}.")
+
+
+def select_modules(model: nn.Module, pattern: Pattern, *, field: str
+                   ) -> list[tuple[str, nn.Module]]:
+    """The submodules of ``model`` whose qualified name matches ``pattern``.
+
+    Args:
+        model: any ``nn.Module`` (the model itself, named ``""``, never matches).
+        pattern: a regex (full match) or a list of exact / dotted-suffix names.
+        field: the option the pattern came from, named in errors.
+
+    Returns:
+        ``[(qualified_name, module)]`` in model order.
+
+    Raises:
+        SelectionError: the pattern is invalid or matches no module; the message
+            names ``field``, the pattern and some module names of the model.
+
+    Example:
+        >>> m = nn.Sequential(nn.Linear(2, 4), nn.GELU(), nn.Linear(4, 2))
+        >>> [n for n, _ in select_modules(m, ["0", "2"], field="units")]
+        ['0', '2']
+    """
+    validate_pattern(pattern, field)
+    chosen = list(iter_modules(model, lambda _m, n: bool(n) and matches(n, pattern)))
+    if not chosen:
+        raise _no_match_error(field, pattern, [n for n, _ in iter_modules(model) if n], "module")
+    return chosen
 
 
 def select_units(model: nn.Module, *, include: Pattern | None = None,
@@ -162,10 +244,10 @@ def select_units(model: nn.Module, *, include: Pattern | None = None,
             candidate remains.
     """
     for field, pat in (("include", include), ("exclude", exclude), ("always_train", always_train)):
-        _validate_pattern(pat, field)
+        validate_pattern(pat, field)
     group_res = []
     for g in groups or ():
-        _validate_pattern(g, "groups")
+        validate_pattern(g, "groups")
         if not isinstance(g, str):
             raise SelectionError(f"each groups entry must be a regex string, got {g!r}.")
         group_res.append(re.compile(g))

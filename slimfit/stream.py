@@ -23,126 +23,50 @@ replace a saved weight by a small reference; unpacking it in backward fetches
 the unit (if a prefetch has not already), which is the exact moment the weight
 is needed, whatever op saved it. Other saved tensors (compressed by SlimFit's
 compression scopes inside a block, or not) go on to the hooks outside (the
-ledger, activation offload). A weight changed on the device
-(trained last step, or written by ``load_state_dict``) is copied back to its
-master before it is evicted: detected by its version counter, or because it
-required grad since the last write-back (bitsandbytes' optimizers write
-through raw pointers and bump no version), so nothing stale is ever fetched.
+ledger, activation offload). A weight changed on the device (trained last step,
+or written by ``load_state_dict``) is copied back to its master before it is
+evicted: detected by its version counter, or because it required grad since the
+last write-back (bitsandbytes' optimizers write through raw pointers and bump
+no version), so nothing stale is ever fetched.
 
 Limits: one process (no DDP: the strategy's hooks and broadcasts expect
-resident weights); no ``torch.compile``; the model must not be moved (``.to``)
-once streaming; a block may use only its own frozen weights in its forward (a
-use seen from another block is refused with an error); code that reads a
-streamed weight outside a forward pass must do so inside
-:meth:`WeightStreamer.gathered` (``state_dict`` and ``load_state_dict`` are
-handled: an evicted weight appears in the state dict as its host copy). On a
-machine without CUDA the copies are host-to-host and synchronous: the
-bookkeeping, residency limits and exactness are the same, the memory is not
-saved.
+resident weights); no ``torch.compile`` (of the model or of a module in it);
+the model must not be moved (``.to``) once streaming; a block may use only its
+own frozen weights in its forward (a use seen from another block is refused
+with an error); code that reads a streamed weight outside a forward pass must
+do so inside :meth:`WeightStreamer.gathered` (``state_dict`` and
+``load_state_dict`` are handled: an evicted weight appears in the state dict as
+its host copy). On a machine without CUDA the copies are host-to-host and
+synchronous: the bookkeeping, residency limits and exactness are the same, the
+memory is not saved. The options, the choice of units and of the weights in
+them that can stream are in ``slimfit.stream_config``; one tensor's eviction
+and refill in ``slimfit.streamed_tensor``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from typing import Any, Iterator
 
 import torch
 from torch import nn
 
-from slimfit.errors import SelectionError, SlimFitError, UnsupportedSetupError
+from slimfit.errors import SlimFitError, UnsupportedSetupError
 from slimfit.hooks import ScopedHooks
-from slimfit.ledger import format_bytes, storage_identity
-from slimfit.selection import Pattern, _validate_pattern, is_compiled, iter_modules, matches
+from slimfit.report import format_bytes
+from slimfit.selection import refuse_compiled
+from slimfit.storage import storage_identity
+from slimfit.stream_config import (StreamConfig, default_stream_units, select_stream_units,
+                                   streamable_parameters)
+from slimfit.streamed_tensor import StreamedTensor
 
 __all__ = ["StreamConfig", "WeightStreamer", "default_stream_units"]
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class StreamConfig:
-    """Options of weight streaming.
-
-    Attributes:
-        units: the modules streamed as units, in execution order (regex full
-            match or list of names); default: the blocks of the model's
-            longest list of same-type modules (``encoder.layer.N``, ``blocks.N``).
-        resident: k, the most units whose streamed weights are on the device
-            at once (>= 1; counts the unit computing and those prefetched).
-        prefetch: k', how many units ahead are fetched while one computes
-            (0 <= k' < k; 0 fetches on demand, with no overlap; default
-            ``min(1, k - 1)``).
-        pin_memory: page-locked host masters (default: when CUDA is
-            available); needed for copies that overlap compute.
-    """
-
-    units: Pattern | None = None
-    resident: int = 2
-    prefetch: int | None = None
-    pin_memory: bool | None = None
-
-    def __post_init__(self):
-        _validate_pattern(self.units, "units")
-        if self.prefetch is None and isinstance(self.resident, int):
-            object.__setattr__(self, "prefetch", min(1, max(self.resident - 1, 0)))
-        for name in ("resident", "prefetch"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise SlimFitError(f"StreamConfig.{name} must be an int, got {v!r}.")
-        if self.resident < 1:
-            raise SlimFitError(f"StreamConfig.resident (k) must be >= 1, got {self.resident}: at "
-                               "least the unit that computes must be on the device.")
-        if not 0 <= self.prefetch < self.resident:
-            raise SlimFitError(
-                f"StreamConfig.prefetch (k') must be in [0, resident - 1] = [0, "
-                f"{self.resident - 1}], got {self.prefetch}: the unit computing and the "
-                "units prefetched must fit in the resident window. Raise resident or "
-                "lower prefetch.")
-        if self.pin_memory is not None and not isinstance(self.pin_memory, bool):
-            raise SlimFitError(f"StreamConfig.pin_memory must be a bool or None, got "
-                               f"{self.pin_memory!r}.")
-
-
-def default_stream_units(model: nn.Module) -> list[str]:
-    """Names of the blocks of the longest ``nn.ModuleList``/``nn.Sequential`` whose
-    children share one type and hold parameters (transformer layers).
-
-    Example:
-        >>> m = nn.Sequential(nn.Linear(2, 2), nn.ModuleList([nn.Linear(2, 2) for _ in range(3)]))
-        >>> default_stream_units(m)
-        ['1.0', '1.1', '1.2']
-    """
-    best: list[str] = []
-    for name, mod in iter_modules(model, lambda m, _n: isinstance(m, (nn.ModuleList, nn.Sequential))):
-        kids = list(mod.named_children())
-        if len(kids) < 2 or len({type(c) for _, c in kids}) != 1:
-            continue
-        if not any(True for _ in kids[0][1].parameters()):
-            continue
-        if len(kids) > len(best):
-            best = [f"{name}.{k}" if name else k for k, _ in kids]
-    return best
-
-
-class _Tensor:
-    """One streamed parameter: its host master and residency."""
-
-    __slots__ = ("param", "name", "master", "nbytes", "resident", "version", "trained", "written")
-
-    def __init__(self, param: nn.Parameter, name: str, master: torch.Tensor):
-        self.param, self.name, self.master = param, name, master
-        self.nbytes = param.untyped_storage().nbytes()
-        self.resident = True
-        self.version = param._version  # device bytes == master bytes at this version
-        # seen requiring grad since the master was written: an optimizer may have
-        # changed it without bumping the version (bitsandbytes writes raw pointers)
-        self.trained = False
-        self.written: Any = None  # CUDA event of the last write-back into master
 
 
 class _Unit:
     __slots__ = ("index", "name", "module", "tensors", "ready", "last_use")
 
-    def __init__(self, index: int, name: str, module: nn.Module, tensors: list[_Tensor]):
+    def __init__(self, index: int, name: str, module: nn.Module, tensors: list[StreamedTensor]):
         self.index, self.name, self.module, self.tensors = index, name, module, tensors
         self.ready: Any = None  # CUDA event: the unit's H2D copies are done
         self.last_use = -1
@@ -193,7 +117,7 @@ class WeightStreamer:
     Raises:
         SelectionError: ``units`` matched no module, the model has no stream
             units, or units nest.
-        SlimFitError: the model is ``torch.compile``-d.
+        SlimFitError: the model, or a module inside it, is ``torch.compile``-d.
         UnsupportedSetupError: (at ``install``) a process group of more than
             one process is running.
 
@@ -208,39 +132,20 @@ class WeightStreamer:
     """
 
     def __init__(self, model: nn.Module, config: StreamConfig | None = None):
-        if is_compiled(model):
-            raise SlimFitError(
-                "weight streaming fetches a block's weights back for backward through "
-                "saved-tensor hooks, which torch.compile runs all at once at the end of the "
-                "forward (pytorch #148222): backward would read evicted weights. Stream the "
-                "uncompiled model, or drop stream_weights under torch.compile.")
+        refuse_compiled(model, "weight streaming fetches a block's weights back for backward "
+                        "through saved-tensor hooks, which torch.compile runs all at once at the "
+                        "end of the forward (pytorch #148222): backward would read evicted "
+                        "weights. Stream the uncompiled model, or drop stream_weights under "
+                        "torch.compile.")
+        if config is not None and not isinstance(config, StreamConfig):
+            raise SlimFitError(f"config must be a StreamConfig or None, got {config!r}.")
         self.model = model
         self.config = config or StreamConfig()
-        names = self._select_units()
-        modules = dict(model.named_modules())
-        owners: dict[int, int] = {}
-        for name, mod in model.named_modules():  # parameters shared across modules stay resident
-            for p in mod.parameters(recurse=False):
-                owners[id(p)] = owners.get(id(p), 0) + 1
-        storage_users: dict[Any, int] = {}
-        for t in list(model.parameters()) + list(model.buffers()):
-            sid = storage_identity(t)
-            storage_users[sid] = storage_users.get(sid, 0) + 1
-        self.kept: list[str] = []  # unit parameters that cannot be streamed, with why
-        self._specs: list[tuple[str, nn.Module, list[tuple[str, nn.Parameter]]]] = []
-        for name in names:
-            mod, params = modules[name], []
-            for pname, p in mod.named_parameters():
-                full = f"{name}.{pname}"
-                if owners.get(id(p), 0) > 1 or storage_users.get(storage_identity(p), 0) > 1:
-                    self.kept.append(f"{full} (shared with another module)")
-                elif p.storage_offset() != 0 or not p.is_contiguous():
-                    self.kept.append(f"{full} (a view into a larger storage)")
-                else:
-                    params.append((full, p))
-            self._specs.append((name, mod, params))
+        units = select_stream_units(model, self.config.units)
+        # kept: unit parameters that cannot be streamed, with why
+        self._specs, self.kept = streamable_parameters(model, units)
         self.units: list[_Unit] = []
-        self._by_storage: dict[Any, tuple[int, _Tensor]] = {}
+        self._by_storage: dict[Any, tuple[int, StreamedTensor]] = {}
         self._handles: list[Any] = []
         self._stream: Any = None
         self._cuda = False
@@ -250,30 +155,6 @@ class WeightStreamer:
         self.peak_resident_bytes = 0
         self.stats = {"fetches": 0, "on_demand": 0, "late": 0, "hits": 0, "write_backs": 0,
                       "bytes_in": 0, "bytes_out": 0}
-
-    def _select_units(self) -> list[str]:
-        pattern = self.config.units
-        if pattern is None:
-            names = default_stream_units(self.model)
-            if not names:
-                raise SelectionError(
-                    f"{type(self.model).__name__} has no list of same-type blocks to stream; "
-                    "name the units with StreamConfig(units=...) (a regex such as "
-                    r"'encoder\.layer\.\d+' or a list of module names).")
-        else:
-            names = [n for n, _ in iter_modules(self.model) if n and matches(n, pattern)]
-            if not names:
-                sample = ", ".join(n for n, _ in list(iter_modules(self.model))[1:8])
-                raise SelectionError(
-                    f"StreamConfig.units={pattern!r} matched no module. Patterns are full-match "
-                    f"regexes (a string) or exact/dotted-suffix names (a list). Some module names "
-                    f"in this model: {sample}.")
-        for a in names:
-            for b in names:
-                if b.startswith(a + "."):
-                    raise SelectionError(f"stream units nest: {b!r} is inside {a!r}; name "
-                                         "non-overlapping modules (one per block).")
-        return names
 
     # -- life cycle ----------------------------------------------------------------
     def install(self) -> "WeightStreamer":
@@ -288,11 +169,10 @@ class WeightStreamer:
                 f"{torch.distributed.get_rank()} of {torch.distributed.get_world_size()}. DDP "
                 "reads and broadcasts weights outside forward: stream in single-device runs, "
                 "or use optimizer-state offload and compression, which work with DDP.")
-        pin = self.config.pin_memory
         self.units, self._clock, self._current = [], 0, None
         self.resident_bytes = self.peak_resident_bytes = 0
         self._cuda = any(p.is_cuda for _, _, ps in self._specs for _, p in ps)
-        pin = self._cuda if pin is None else pin
+        pin = self._cuda if self.config.pin_memory is None else self.config.pin_memory
         if pin and not torch.cuda.is_available():
             raise SlimFitError("StreamConfig.pin_memory=True needs CUDA (page-locked memory is a "
                                "CUDA facility); leave it None on this machine.")
@@ -300,13 +180,7 @@ class WeightStreamer:
         for i, (name, mod, params) in enumerate(self._specs):
             tensors = []
             for full, p in params:
-                if not p.untyped_storage().resizable():
-                    # e.g. memory-mapped from a safetensors file: give the weight
-                    # its own storage (one copy now) so eviction can free it
-                    p.data = p.detach().clone()
-                master = torch.empty(p.shape, dtype=p.dtype, device="cpu", pin_memory=pin)
-                master.copy_(p.detach())  # a one-off D2H of every streamed weight
-                t = _Tensor(p, full, master)
+                t = StreamedTensor(p, full, pin)
                 tensors.append(t)
                 self._by_storage[storage_identity(p)] = (i, t)
                 self.resident_bytes += t.nbytes
@@ -423,13 +297,9 @@ class WeightStreamer:
             ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
             with ctx:
                 for t in missing:
-                    if stream is not None and t.written is not None:
-                        stream.wait_event(t.written)  # the master's last write-back landed
                     # allocated on the side stream, from its pool: the block is
                     # recorded on the compute stream when used (see below)
-                    t.param.untyped_storage().resize_(t.nbytes)
-                    t.param.data.copy_(t.master, non_blocking=stream is not None)  # H2D
-                    t.resident = True
+                    t.fetch(stream)
                     self.resident_bytes += t.nbytes
                     self.stats["bytes_in"] += t.nbytes
                 if stream is not None:
@@ -448,24 +318,14 @@ class WeightStreamer:
         """Free unit ``i``'s weights that need no gradient (written back first if changed)."""
         unit = self.units[i]
         for t in unit.tensors:
-            p = t.param
-            if p.requires_grad:
+            if t.param.requires_grad:
                 t.trained = True
                 continue  # may get a gradient and an optimizer step: stays on the device
             if not t.resident:
                 continue
-            if t.trained or p._version != t.version:  # trained or loaded since the last write
-                t.master.copy_(p.detach(), non_blocking=self._cuda)  # D2H, compute stream
-                if self._cuda:
-                    t.written = t.written or torch.cuda.Event()  # one per tensor, re-recorded
-                    t.written.record(torch.cuda.current_stream())
-                t.version, t.trained = p._version, False
+            if t.evict(self._cuda):
                 self.stats["write_backs"] += 1
                 self.stats["bytes_out"] += t.nbytes
-            if self._cuda:
-                p.data.record_stream(torch.cuda.current_stream())
-            p.untyped_storage().resize_(0)
-            t.resident = False
             self.resident_bytes -= t.nbytes
         if self._current is not None and self._current[0] == i:
             self._current = None

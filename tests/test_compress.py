@@ -92,11 +92,20 @@ def test_bf16_autocast():
     assert min_cosine(exact, approx) >= 0.98
 
 
-def test_fused_attention_is_detected_and_left_alone():
-    with pytest.warns(UserWarning, match="leaves 2 fused attention module"):
-        comp = ActivationCompressor(hf_bert_sdpa())
-    assert comp.preview()["attention"] == []
-    assert len(comp.preview()["skipped"]) == 2
+def test_fused_attention_is_detected_and_compressed(recwarn):
+    """SDPA attention is compressed now (tests/test_fused_attention.py); only
+    kernels that bypass F.scaled_dot_product_attention are left alone."""
+    m = hf_bert_sdpa()
+    comp = ActivationCompressor(m)
+    assert not [w for w in recwarn if "attention" in str(w.message)]
+    names = ["bert.encoder.layer.0.attention.self", "bert.encoder.layer.1.attention.self"]
+    assert comp.preview()["attention"] == names == comp.preview()["fused_attention"]
+    assert comp.preview()["skipped"] == []
+    assert "2 SDPA (q, k, v per token and head" in comp.describe()
+    m.config._attn_implementation = "flash_attention_2"  # a kernel outside torch
+    with pytest.warns(UserWarning, match="leaves 2 attention module.*'flash_attention_2'"):
+        comp = ActivationCompressor(m)
+    assert comp.preview()["attention"] == [] and len(comp.preview()["skipped"]) == 2
 
 
 def hf_bert_sdpa():
@@ -132,3 +141,25 @@ def test_pattern_matching_no_module_and_missing_kind():
 def test_yaml_style_mapping_config():
     cfg = CompressionConfig(gelu={"method": "int8", "group_size": 128}, layernorm="topk")
     assert cfg.gelu == Treatment(method="int8", group_size=128) and cfg.layernorm.method == "topk"
+
+
+def _compile_encoder(model):
+    model.bert.encoder = torch.compile(model.bert.encoder)  # lazy: compiles on first call
+    return model
+
+
+def _compile_layer_in_place(model):
+    model.bert.encoder.layer[1].compile()  # sets _compiled_call_impl, keeps the module
+    return model
+
+
+@pytest.mark.parametrize("compile_part,name", [
+    (_compile_encoder, "'bert.encoder'"),
+    (_compile_layer_in_place, "'bert.encoder.layer.1'"),
+])
+def test_model_with_a_compiled_submodule_is_refused(compile_part, name):
+    """A compiled module anywhere inside the model is refused like a compiled
+    model, and the message names that module."""
+    with pytest.raises(SlimFitError, match=f"torch.compile'd submodule\\(s\\) {name}: activation "
+                                           "compression uses saved-tensor hooks"):
+        ActivationCompressor(compile_part(hf_bert()))

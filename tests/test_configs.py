@@ -3,6 +3,7 @@
 
 import json
 import pathlib
+import time
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -97,9 +98,16 @@ def test_csv_and_wandb_loggers_receive_memory_and_heatmap(hydra_ctx, tmp_path, m
     wandb.finish()
     runs = list(tmp_path.rglob("offline-run-*"))
     assert runs, "no offline W&B run written"
-    history = b"".join(p.read_bytes() for p in runs[0].rglob("*.wandb"))
-    for key in (b"memory/activations", b"slimfit/frozen_fraction", b"final/val_acc",
-                b"slimfit/freeze_heatmap"):
+    keys = (b"memory/activations", b"slimfit/frozen_fraction", b"final/val_acc",
+            b"slimfit/freeze_heatmap")
+    # W&B's service process may still be writing the file on a loaded machine: wait for it
+    deadline = time.monotonic() + 60
+    while True:
+        history = b"".join(p.read_bytes() for p in runs[0].rglob("*.wandb"))
+        if all(k in history for k in keys) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    for key in keys:
         assert key in history, key
 
 

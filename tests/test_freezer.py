@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from slimfit.config import SlimFitConfig
-from slimfit.errors import CheckpointMismatchError, SlimFitError
+from slimfit.errors import CheckpointMismatchError, NonFiniteError, SlimFitError
 from slimfit.freezer import LayerFreezer
+from slimfit.scores import SCORES
 
 from models import CASES, loss_fn
 
@@ -69,7 +70,7 @@ def test_state_round_trip_and_mismatch():
     b = LayerFreezer(model, freeze_rate=0.5, seed=1)
     b.load_state_dict(a.state_dict())
     assert a.decide() == b.decide()
-    c = LayerFreezer(model, freeze_rate=0.5, exclude=["classifier.weight"])
+    c = LayerFreezer(model, freeze_rate=0.5, exclude=["pooler.dense.weight"])
     with pytest.raises(CheckpointMismatchError, match="another model"):
         c.load_state_dict(a.state_dict())
     with pytest.raises(CheckpointMismatchError, match="not a SlimFit state"):
@@ -103,7 +104,7 @@ def test_lr_normalized_scores_divide_by_the_step_learning_rate():
         model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
         opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.5},
                                {"params": model[1].parameters(), "lr": 0.1}])
-        f = LayerFreezer(model, freeze_rate=0.0, lr_normalized=normalized)
+        f = LayerFreezer(model, freeze_rate=0.0, lr_normalized=normalized, train_new_heads=False)
         f.apply(f.decide())
         model(torch.randn(3, 4)).sum().backward()
         f.before_optimizer_step(opt)
@@ -114,3 +115,140 @@ def test_lr_normalized_scores_divide_by_the_step_learning_rate():
     with pytest.raises(SlimFitError, match="needs before_optimizer_step\\(optimizer\\)"):
         f.apply(f.decide())
         f.before_optimizer_step()
+
+
+# -- non-finite steps (issue 10) --------------------------------------------------------
+
+class NaNWritingSGD(torch.optim.SGD):
+    """Writes NaN into every parameter it updates at step ``bad_step``."""
+
+    def __init__(self, params, bad_step):
+        super().__init__(params, lr=1e-2)
+        self.bad_step, self.n = bad_step, 0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        super().step(closure)
+        if self.n == self.bad_step:
+            for g in self.param_groups:
+                for p in g["params"]:
+                    if p.grad is not None:
+                        p.fill_(float("nan"))
+        self.n += 1
+
+
+def run_with_nonfinite(freezer, model, opt, steps, nan_loss_at=None):
+    """Train ``steps`` steps; at ``nan_loss_at`` the loss is multiplied by NaN.
+    Returns the scheduler's scores after each step."""
+    batch = CASES[0][2](model)
+    history = []
+    for step in range(steps):
+        freezer.apply(freezer.decide())
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn("hf-bert", model, batch)
+        if step == nan_loss_at:
+            loss = loss * float("nan")
+        loss.backward()
+        freezer.before_optimizer_step(opt)
+        opt.step()
+        freezer.after_optimizer_step(loss=loss.detach())
+        history.append(list(freezer.scheduler.scores))
+    return history
+
+
+def test_nan_loss_warns_once_naming_the_step_and_records_no_scores():
+    model = CASES[0][1]()
+    freezer = LayerFreezer(model, freeze_rate=0.5, seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with pytest.warns(UserWarning, match=r"non-finite loss/scores at step 3 \(the loss") as rec:
+        scores = run_with_nonfinite(freezer, model, opt, 7, nan_loss_at=3)
+    assert sum("non-finite" in str(w.message) for w in rec) == 1  # once, for steps 3..6
+    assert scores[3:] == [scores[2]] * 4  # nothing recorded from step 3 on (weights are NaN)
+    assert all(math.isfinite(s) for s in scores[-1] if s is not None)
+    assert freezer.nonfinite_steps == [3, 4, 5, 6]
+    assert len(freezer.history) == 7 and freezer.scheduler.step == 7  # ages, history advance
+    assert freezer.last_stats["nonfinite"] == 1.0 and "[3, 4, 5, 6]" in freezer.summary()
+
+
+def test_nan_loss_raises_naming_the_step():
+    model = CASES[0][1]()
+    freezer = LayerFreezer(model, freeze_rate=0.5, on_nonfinite="raise")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with pytest.raises(NonFiniteError, match="step 2 .*the loss"):
+        run_with_nonfinite(freezer, model, opt, 5, nan_loss_at=2)
+    assert freezer.scheduler.step == 3 and freezer.frozen is None  # state consistent
+
+
+def test_nonfinite_loss_flag_alone_is_enough():
+    """A float loss or an "all micro-batches finite" bool tensor: the scores may be finite."""
+    for flag in (float("inf"), torch.tensor(False)):
+        model = CASES[0][1]()
+        freezer = LayerFreezer(model, freeze_rate=0.5)
+        freezer.apply(freezer.decide())
+        loss_fn("hf-bert", model, CASES[0][2](model)).backward()
+        freezer.before_optimizer_step()
+        torch.optim.SGD(model.parameters(), lr=0.1).step()
+        with pytest.warns(UserWarning, match="step 0"):
+            freezer.after_optimizer_step(loss=flag)
+        assert freezer.scheduler.scores == [None] * len(freezer.units)
+
+
+@pytest.mark.parametrize("score", SCORES)
+def test_optimizer_writing_nan_is_detected_by_every_score(score):
+    model = CASES[0][1]()
+    freezer = LayerFreezer(model, freeze_rate=0.5, seed=1, score=score)
+    with pytest.warns(UserWarning, match=r"step 2 \(scores of \d+ unit"):
+        scores = run_with_nonfinite(freezer, model, NaNWritingSGD(model.parameters(), 2), 4)
+    assert scores[2] == scores[1] and freezer.nonfinite_steps[0] == 2
+    with pytest.raises(NonFiniteError, match="step 2"):
+        model = CASES[0][1]()
+        f = LayerFreezer(model, freeze_rate=0.5, score=score, on_nonfinite="raise")
+        run_with_nonfinite(f, model, NaNWritingSGD(model.parameters(), 2), 4)
+
+
+def test_skipped_step_is_not_read_and_not_warned(recwarn):
+    model = CASES[0][1]()
+    freezer = LayerFreezer(model, freeze_rate=0.5)
+    freezer.apply(freezer.decide())
+    freezer.before_optimizer_step()
+    freezer.after_optimizer_step(skipped=True, loss=torch.tensor(float("inf")))  # AMP overflow
+    assert not [w for w in recwarn if "non-finite" in str(w.message)]
+    assert freezer.nonfinite_steps == []
+
+
+# -- options of the fidelity study (issue 12) ---------------------------------------------
+
+@pytest.mark.parametrize("kw", [{"score": s} for s in SCORES] + [
+    {"selection": "sample", "reserve_fraction": 0.3, "frozen_score_decay": 0.9}])
+def test_every_score_and_policy_trains_with_exact_frozen_counts(kw):
+    model = CASES[0][1]()
+    freezer = LayerFreezer(model, freeze_rate=0.8, seed=0, **kw)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    assert all(train_steps("hf-bert", model, CASES[0][2](model), freezer, opt, 12))
+    k = math.floor(0.8 * len(freezer.units))
+    assert all(len(f) == k for f in freezer.history.frozen_sets())
+    assert freezer.scheduler.initial_pass_done
+    assert all(s > 0 and math.isfinite(s) for s in freezer.scheduler.scores)
+
+
+def test_embedding_tables_are_scored_over_used_rows():
+    model = CASES[0][1]()
+    f = LayerFreezer(model, freeze_rate=0.0, score="update_norm")
+    word = "bert.embeddings.word_embeddings.weight"
+    assert id(dict(model.named_parameters())[word]) in f._tables
+    assert not any(id(p) in f._tables for p in model.bert.encoder.parameters())
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"score": "adam"}, "score must be one of 'paper', 'update_norm', 'grad_norm', 'fisher'"),
+    ({"on_nonfinite": "ignore"}, "on_nonfinite must be one of 'warn', 'raise', got 'ignore'"),
+    ({"selection": "top"}, "selection must be one of 'topk', 'sample'"),
+    ({"train_new_heads": 1}, "train_new_heads must be a bool, got 1"),
+    ({"frozen_score_decay": 0.0}, r"frozen_score_decay must be None or a number in \(0, 1\]"),
+    ({"frozen_score_decay": 1.5}, "got 1.5"),
+    ({"reserve_fraction": 1.0}, r"reserve_fraction must be a number in \[0, 1\), got 1.0"),
+    ({"reserve_fraction": float("nan")}, "reserve_fraction"),
+    ({"score": "grad_norm", "lr_normalized": True}, "lr_normalized=True.*'grad_norm'")])
+def test_new_options_are_validated(kw, match):
+    with pytest.raises(SlimFitError, match=match):
+        SlimFitConfig(**kw)

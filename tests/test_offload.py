@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from slimfit.callbacks import MemoryMonitor, SlimFit
-from slimfit.freezer import LayerFreezer
+from slimfit.config import SlimFitConfig
 from slimfit.ledger import measure_step
-from slimfit.offload import ActivationOffloader, OptimizerStateOffloader
+from slimfit.offload import ActivationOffloader
+from slimfit.session import SessionConfig, SlimFitSession
 
 from conftest import lit_module, make_optimizer, token_loader, trainer
 from models import hf_bert
@@ -18,28 +19,17 @@ def train(optimizer_name, offload, steps=8):
     torch.manual_seed(0)
     model = hf_bert().eval()  # no dropout: two runs must be comparable bit for bit
     opt = make_optimizer(optimizer_name, model.parameters(), lr=1e-2)
-    f = LayerFreezer(model, freeze_rate=0.8, seed=0)
-    off = OptimizerStateOffloader(opt, [u.params for u in f.units]) if offload else None
+    session = SlimFitSession(model, SessionConfig(
+        freezing=SlimFitConfig(freeze_rate=0.8, seed=0), offload_optimizer_state=offload))
+    session.start(opt)
     g = torch.Generator().manual_seed(0)
     reports = []
     for _ in range(steps):
-        frozen = f.decide()
-        f.apply(frozen)
-        if off:
-            off.sync(frozen)
         x = torch.randint(0, 128, (4, 12), generator=g)
         y = torch.randint(0, 2, (4,), generator=g)
-
-        def fb():
-            model(input_ids=x, labels=y).loss.backward()
-            if off:
-                off.before_optimizer_step()
-            f.before_optimizer_step(opt)
-
-        reports.append(measure_step(model, opt, fb, off.host_storage_keys() if off else None))
-        f.after_optimizer_step()
-    if off:
-        off.restore_all()
+        reports.append(session.step(lambda: model(input_ids=x, labels=y).loss, measure=True))
+    off = session.offloader
+    session.stop()  # every offloaded state back with its parameter
     return model, opt, reports, off
 
 
@@ -80,7 +70,7 @@ def test_callback_offload_warns_without_cuda_trains_and_checkpoints(tmp_path):
     # after training every state is back with its parameter, none lost
     opt = lit.trainer.optimizers[0]
     assert all(len(opt.state[p]) == 3 for p in lit.parameters())
-    assert not sf.offloader.offloaded_units
+    assert not sf.session.offloader.offloaded_units
 
 
 def test_offload_options_are_checked():

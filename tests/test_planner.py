@@ -3,12 +3,8 @@
 import pytest
 import torch
 
-from slimfit.compress import ActivationCompressor
-from slimfit.freezer import LayerFreezer
-from slimfit.ledger import measure_step
-from slimfit.offload import OptimizerStateOffloader
 from slimfit.planner import BudgetError, Candidate, parse_budget, plan_for_budget
-from slimfit.stream import StreamConfig, WeightStreamer
+from slimfit.session import SlimFitSession
 
 
 def medium_bert():
@@ -52,41 +48,13 @@ def adamw(params):
 
 def run_plan(model, plan, batch_fn, steps):
     """Train with the plan's configuration; return the ledger totals per step."""
-    c = plan.candidate
-    opt = adamw(model.parameters())
-    f = LayerFreezer(model, freeze_rate=c.freeze_rate) if c.freeze_rate else None
-    comp = ActivationCompressor(model).install() if c.compression else None
-    off = None
-    st = WeightStreamer(model, StreamConfig(resident=plan.stream[0], prefetch=plan.stream[1])
-                        ).install() if plan.stream else None
+    session = SlimFitSession(model, plan.config).start(adamw(model.parameters()))
     g = torch.Generator().manual_seed(1)
     totals = []
     for _ in range(steps):
         batch = batch_fn(g)
-        if f:
-            fz = f.decide()
-            f.apply(fz)
-            if st:
-                st.sync()
-            if c.offload_optimizer_state:
-                off = off or OptimizerStateOffloader(opt, [u.params for u in f.units])
-                off.sync(fz)
-
-        def fb():
-            model(**batch).loss.backward()
-            if f:
-                f.before_optimizer_step(opt)
-
-        totals.append(measure_step(model, opt, fb, off.host_storage_keys() if off else None,
-                                   streamer=st).total)
-        if f:
-            f.after_optimizer_step()
-    if st:
-        st.remove()
-    if comp:
-        comp.remove()
-    if f:
-        f.restore()
+        totals.append(session.step(lambda: model(**batch).loss, measure=True).total)
+    session.stop()
     return totals
 
 

@@ -1,13 +1,11 @@
-"""The inter-layer scheduler and the training-dynamics score, as pure logic."""
+"""The inter-layer scheduler, as pure logic over names and scores."""
 
 import math
 
 import pytest
-import torch
 
-from slimfit.errors import CheckpointMismatchError
+from slimfit.errors import CheckpointMismatchError, SlimFitError
 from slimfit.scheduler import InterLayerScheduler
-from slimfit.scores import WeightSnapshot
 
 NAMES = [f"u{i}" for i in range(10)]
 
@@ -92,30 +90,119 @@ def test_state_for_another_model_is_rejected():
         a.load_state_dict(bad)
 
 
-def test_score_is_mean_relative_change_against_brute_force():
-    torch.manual_seed(0)
-    w1, w2 = torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))
-    w3 = torch.nn.Parameter(torch.randn(2, 2))
-    old = [w.detach().clone() for w in (w1, w2, w3)]
-    snap = WeightSnapshot([[w1, w2], [w3]], eps=1e-8)
-    with torch.no_grad():
-        for w in (w1, w2, w3):
-            w.add_(torch.randn_like(w) * 0.01)
-    got = snap.scores()
-    ref = lambda pairs: (torch.cat([((n - o).abs() / (o.abs() + 1e-8)).flatten() for n, o in pairs])
-                         .mean().item())
-    torch.testing.assert_close(got[0], ref([(w1.detach(), old[0]), (w2.detach(), old[1])]),
-                               rtol=1e-5, atol=0)
-    torch.testing.assert_close(got[1], ref([(w3.detach(), old[2])]), rtol=1e-5, atol=0)
+# -- staleness and selection policies (issue 12) ---------------------------------------
+
+def _policy(**kw):
+    return InterLayerScheduler(NAMES, 0.8, seed=0, **kw)  # 2 of 10 trained per step
 
 
-def test_score_is_nan_and_inf_safe():
-    z = torch.nn.Parameter(torch.zeros(4))  # zero weight: no division by zero
-    n = torch.nn.Parameter(torch.ones(4))
-    snap = WeightSnapshot([[z], [n]])
-    with torch.no_grad():
-        z.add_(1e-3)
-        n.fill_(float("nan"))
-    s = snap.scores()
-    assert all(math.isfinite(x) for x in s)
-    assert s[0] > 0 and s[1] == 0.0
+def _after_initial_pass(s):
+    run(s, 5)  # every unit measured once: unit i scored (i + 1) / 10
+    return s
+
+
+def test_default_policy_decisions_are_unchanged():
+    """The new options at their defaults decide exactly as the paper's scheduler did."""
+    a, b = InterLayerScheduler(NAMES, 0.7, seed=4), InterLayerScheduler(
+        NAMES, 0.7, seed=4, frozen_score_decay=None, selection="topk", reserve_fraction=0.0)
+    score = lambda i, step: ((i * 7 + step * 3) % 11) / 10
+    assert run(a, 25, score) == run(b, 25, score)
+
+
+def test_frozen_score_decay_brings_a_frozen_unit_back_on_its_own():
+    """Paper: units 0..7 stay frozen forever behind 8 and 9 (fresh scores 0.9, 1.0).
+    With d = 0.5 a stale score s counts as s / 0.5**age: unit 7 (0.8) outranks
+    0.9 after one frozen step, unit 0 (0.1) after four."""
+    s = _after_initial_pass(_policy(frozen_score_decay=0.5))
+    trained = set()
+    for _ in range(12):
+        f = s.decide()
+        trained |= set(range(10)) - set(f)
+        assert len(f) == 8
+        s.update(f, [0.9 if i == 8 else 1.0 if i == 9 else 0.05
+                     for i in range(10) if i not in f])
+    assert trained == set(range(10))
+    eff = s.effective_scores()
+    expected = [sc / 0.5 ** a for sc, a in zip(s.scores, s.ages)]
+    assert eff == pytest.approx(expected)
+    one = _policy(frozen_score_decay=1.0)  # d = 1: the paper's ranking
+    assert run(_after_initial_pass(one), 5) == run(_after_initial_pass(_policy()), 5)
+
+
+def test_reserve_fraction_gives_slots_to_the_least_recently_trained():
+    s = InterLayerScheduler(NAMES, 0.6, seed=0, reserve_fraction=0.5)  # 4 trained, 2 reserved
+    run(s, 3)
+    for _ in range(10):
+        oldest = sorted(range(10), key=lambda i: -s.ages[i])
+        top_age = s.ages[oldest[0]]
+        f = s.decide()
+        assert len(f) == 6
+        trained = set(range(10)) - set(f)
+        assert {8, 9} <= trained  # the two top scores keep their slots
+        assert any(s.ages[i] == top_age for i in trained)  # an oldest unit was trained
+        s.update(f, [(i + 1) / 10 for i in sorted(trained)])
+    assert max(s.ages) <= 3  # 8 units rotate through 2 reserved slots: none waits > 3 steps
+
+
+def test_sampling_is_proportional_to_scores_and_deterministic():
+    scores = [1.0] * 8 + [4.0, 4.0]
+    counts = [0] * 10
+    s = InterLayerScheduler(NAMES, 0.9, seed=3, selection="sample")  # 1 trained per step
+    run(s, 10, lambda i, step: scores[i])
+    steps = 4000
+    for _ in range(steps):
+        f = s.decide()
+        (i,) = set(range(10)) - set(f)
+        counts[i] += 1
+        s.update(f, [scores[i]])
+    # one draw in proportion to the scores: 1/16 each for units 0..7, 4/16 for 8 and 9
+    for i in range(10):
+        assert counts[i] / steps == pytest.approx(scores[i] / 16, abs=0.025)
+    a, b = (InterLayerScheduler(NAMES, 0.8, seed=9, selection="sample") for _ in range(2))
+    assert run(a, 30) == run(b, 30)
+    assert run(InterLayerScheduler(NAMES, 0.8, seed=10, selection="sample"), 30) != \
+        run(InterLayerScheduler(NAMES, 0.8, seed=9, selection="sample"), 30)
+
+
+@pytest.mark.parametrize("rate", [0.5, 0.8, 0.9])
+@pytest.mark.parametrize("kw", [{"selection": "sample"}, {"reserve_fraction": 0.5},
+                                {"frozen_score_decay": 0.9, "max_frozen_age": 4},
+                                {"selection": "sample", "reserve_fraction": 0.3,
+                                 "frozen_score_decay": 0.95}])
+def test_every_policy_freezes_exactly_floor_rt(rate, kw):
+    s = InterLayerScheduler(NAMES, rate, seed=2, **kw)
+    for f in run(s, 30, lambda i, step: ((i * 5 + step) % 7) / 7):
+        assert len(f) == len(set(f)) == math.floor(rate * 10)
+
+
+def test_policy_state_round_trip_continues_identically():
+    kw = dict(selection="sample", reserve_fraction=0.25, frozen_score_decay=0.9)
+    a = InterLayerScheduler(NAMES, 0.7, seed=5, **kw)
+    run(a, 6)
+    b = InterLayerScheduler(NAMES, 0.7, seed=99, **kw)
+    b.load_state_dict(a.state_dict())
+    assert run(a, 15) == run(b, 15)
+    old = a.state_dict()  # a version-1 state written before these options existed loads
+    for k in ("frozen_score_decay", "selection", "reserve_fraction"):
+        del old[k]
+    InterLayerScheduler(NAMES, 0.7, **kw).load_state_dict(old)
+
+
+def test_nan_never_enters_the_scheduler():
+    s = InterLayerScheduler(NAMES, 0.5, seed=0)
+    f = s.decide()
+    with pytest.raises(SlimFitError, match="non-finite scores.*u"):
+        s.update(f, [float("nan")] + [0.1] * 4)
+    assert s.scores == [None] * 10
+    bad = s.state_dict()
+    bad["scores"][0] = float("inf")
+    with pytest.raises(CheckpointMismatchError, match="non-finite"):
+        s.load_state_dict(bad)
+
+
+@pytest.mark.parametrize("kw,match", [({"frozen_score_decay": 0.0}, "frozen_score_decay"),
+                                      ({"selection": "best"}, "selection"),
+                                      ({"reserve_fraction": 1.0}, "reserve_fraction")])
+def test_bad_policy_options_are_refused(kw, match):
+    with pytest.raises(SlimFitError, match=match):
+        InterLayerScheduler(NAMES, 0.5, **kw)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from slimfit.errors import SelectionError
-from slimfit.selection import matches, preview, select_units
+from slimfit.selection import (compiled_modules, is_compiled, matches, preview, select_modules,
+                               select_units, validate_pattern)
 
 from models import CASES, hf_bert
 
@@ -90,3 +91,42 @@ def test_model_without_candidates():
 def test_error_names_existing_parameters():
     with pytest.raises(SelectionError, match="bert.embeddings.word_embeddings.weight"):
         select_units(hf_bert(), include=["nope"])
+
+
+def test_select_modules_matches_regex_and_suffix_names():
+    model = hf_bert()
+    layers = [n for n, _ in select_modules(model, r"bert\.encoder\.layer\.\d+", field="units")]
+    assert layers == ["bert.encoder.layer.0", "bert.encoder.layer.1"]
+    assert [n for n, _ in select_modules(model, ["classifier", "layer.1.output.dense"],
+                                         field="units")] == \
+        ["bert.encoder.layer.1.output.dense", "classifier"]
+    assert select_modules(model, ".*", field="units")[0][0] != ""  # the model itself never
+
+
+@pytest.mark.parametrize("pattern,match", [
+    (["decoder"], r"units=\['decoder'\] matched no module\. .*Some module names in this model: "
+                  r"bert, bert\.embeddings"),
+    (r"encoder\.block\.\d", r"units='encoder\\\\.block\\\\.\\\\d' matched no module"),
+    ("(", r"units='\(' is not a valid regular expression"),
+    (3, "units must be a regex string or a list of names, got 3"),
+])
+def test_select_modules_errors_name_field_pattern_and_modules(pattern, match):
+    with pytest.raises(SelectionError, match=match):
+        select_modules(hf_bert(), pattern, field="units")
+
+
+def test_validate_pattern_is_public_and_accepts_none():
+    validate_pattern(None, "include")
+    validate_pattern(["a.weight"], "include")
+    with pytest.raises(SelectionError, match=r"include must be a regex string or a list of "
+                                             r"names, got \['a', 3\]"):
+        validate_pattern(["a", 3], "include")
+
+
+def test_compiled_modules_finds_the_outermost_compiled_module():
+    model = hf_bert()
+    assert compiled_modules(model) == [] and not is_compiled(model)
+    model.bert.encoder = torch.compile(model.bert.encoder)  # lazy: nothing compiles yet
+    model.classifier.compile()
+    assert compiled_modules(model) == ["bert.encoder", "classifier"] and is_compiled(model)
+    assert compiled_modules(torch.compile(hf_bert())) == [""]

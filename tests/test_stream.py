@@ -11,10 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from slimfit.compress import ActivationCompressor
+from slimfit.compress import CompressionConfig
+from slimfit.config import SlimFitConfig
 from slimfit.errors import SelectionError, SlimFitError
-from slimfit.freezer import LayerFreezer
 from slimfit.ledger import measure_step
+from slimfit.session import SessionConfig, SlimFitSession
 from slimfit.stream import StreamConfig, WeightStreamer, default_stream_units
 
 from conftest import make_optimizer, no_dropout_lit
@@ -41,20 +42,19 @@ CASES = [
 
 def train(factory, batch_fn, loss_name, stream=None, compress=False, optimizer="adamw",
           steps=6, rate=0.8, train_mode=True):
-    """Train with SlimFit freezing; return losses, final state dict, streamer, reports."""
+    """Train with SlimFit freezing; return losses, final state dict, streamer, reports.
+    The session is left running (its streamer is inspected afterwards)."""
     torch.manual_seed(0)
     model = factory().train(train_mode)
     opt = make_optimizer(optimizer, model.parameters(), lr=1e-2)
-    freezer = LayerFreezer(model, freeze_rate=rate, seed=0)
-    if compress:
-        ActivationCompressor(model).install()  # hooks live as long as the model
-    st = WeightStreamer(model, stream).install() if stream else None
+    session = SlimFitSession(model, SessionConfig(
+        freezing=SlimFitConfig(freeze_rate=rate, seed=0), stream=stream,
+        compression=CompressionConfig() if compress else None)).start(opt)
+    st = session.streamer
     batch = batch_fn(model)
     losses, reports, residency = [], [], []
     for i in range(steps):
-        freezer.apply(freezer.decide())
-        if st:
-            st.sync()
+        session.begin_step()
         torch.manual_seed(100 + i)  # same dropout masks in both runs
 
         def fb():
@@ -63,10 +63,10 @@ def train(factory, batch_fn, loss_name, stream=None, compress=False, optimizer="
             losses.append(loss.item())
             if st:
                 residency.append(st.resident_units())
-            freezer.before_optimizer_step(opt)
+            session.before_optimizer_step()
 
         reports.append(measure_step(model, opt, fb, streamer=st))
-        freezer.after_optimizer_step()
+        session.end_step()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     return losses, state, st, reports, residency, model
 
@@ -109,20 +109,19 @@ def test_bit_identical_under_bf16_autocast_and_with_activations_on_the_host():
         torch.manual_seed(0)
         model = deep_bert(4).eval()
         opt = make_optimizer("adamw", model.parameters(), lr=1e-2)
-        f = LayerFreezer(model, freeze_rate=0.8, seed=0)
-        st = WeightStreamer(model, StreamConfig(resident=1)).install() if stream else None
+        session = SlimFitSession(model, SessionConfig(
+            freezing=SlimFitConfig(freeze_rate=0.8, seed=0),
+            stream=StreamConfig(resident=1) if stream else None)).start(opt)
         batch = models.text_batch(model)
-        for _ in range(4):
-            f.apply(f.decide())
-            opt.zero_grad(set_to_none=True)
+
+        def loss_fn():
             with torch.autocast("cpu", dtype=torch.bfloat16), \
                     torch.autograd.graph.save_on_cpu(pin_memory=False):
-                loss = model(**batch).loss
-            loss.backward()
-            f.before_optimizer_step(opt)
-            opt.step()
-            f.after_optimizer_step()
-        return {k: v.clone() for k, v in model.state_dict().items()}, st
+                return model(**batch).loss
+
+        for _ in range(4):
+            session.step(loss_fn)
+        return {k: v.clone() for k, v in model.state_dict().items()}, session.streamer
 
     ref, _ = run(False)
     got, st = run(True)
@@ -239,7 +238,7 @@ def test_callback_streams_exactly_checkpoints_and_resumes(tmp_path):
     ref, _, ref_mon = fit(tmp_path / "ref", None, extra=[ck(tmp_path / "ref_ckpt")])
     lit, sf, mon = fit(tmp_path / "s", StreamConfig(resident=1), extra=[ck(tmp_path / "ckpt")])
     assert_same_state(lit.state_dict(), ref.state_dict())  # identical training
-    assert sf.streamer is None  # released at the end: every weight back on the device
+    assert sf.session.streamer is None  # released at the end: every weight back on the device
     assert all(p.untyped_storage().nbytes() > 0 for p in lit.parameters())
     last, ref_last = mon.history[-1][1], ref_mon.history[-1][1]
     assert last.offloaded_parameters > 0 and last.parameters < ref_last.parameters
@@ -266,7 +265,7 @@ def test_callback_refuses_streaming_under_ddp():
         sf = SlimFit(stream_weights=True)
     with pytest.raises(UnsupportedSetupError, match="weight streaming runs in one process; this "
                                                     "run has 2"):
-        sf._start_streaming(types.SimpleNamespace(world_size=2), deep_bert(2), sf.stream_config)
+        sf.on_fit_start(types.SimpleNamespace(world_size=2), deep_bert(2))
 
 
 def _nullcontext():
@@ -369,19 +368,17 @@ def test_memory_mapped_weights_stream_and_are_never_quantized():
         for p in model.bert.encoder.parameters():
             p.data = torch.from_numpy(p.detach().numpy().copy())  # not resizable
         opt = make_optimizer("adamw", model.parameters(), lr=1e-2)
-        f = LayerFreezer(model, freeze_rate=0.8, seed=0)
-        comp = ActivationCompressor(model).install()
-        st = WeightStreamer(model, StreamConfig(resident=1)).install() if stream else None
+        # the session installs compression before streaming, as the callback does
+        session = SlimFitSession(model, SessionConfig(
+            freezing=SlimFitConfig(freeze_rate=0.8, seed=0), compression=CompressionConfig(),
+            stream=StreamConfig(resident=1) if stream else None)).start(opt)
+        st = session.streamer
         batch = models.text_batch(model)
         for _ in range(3):
-            f.apply(f.decide())
-            opt.zero_grad(set_to_none=True)
-            model(**batch).loss.backward()
-            f.before_optimizer_step(opt)
-            opt.step()
-            f.after_optimizer_step()
-        comp.remove()
-        return {k: v.clone() for k, v in model.state_dict().items()}, st
+            session.step(lambda: model(**batch).loss)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        session.stop()
+        return state, st
 
     ref, _ = run(False)
     got, st = run(True)
@@ -392,3 +389,17 @@ def test_memory_mapped_weights_stream_and_are_never_quantized():
 def test_compiled_model_is_refused():
     with pytest.raises(SlimFitError, match="torch.compile runs all at once"):
         WeightStreamer(torch.compile(deep_bert(2)))
+
+
+def test_model_with_a_compiled_submodule_is_refused():
+    """A compiled block inside the model is refused like a compiled model, and
+    the message names it; so is one compiled in place with ``Module.compile``."""
+    model = deep_bert(2)
+    model.bert.encoder.layer[0] = torch.compile(model.bert.encoder.layer[0])  # lazy
+    with pytest.raises(SlimFitError, match=r"torch.compile'd submodule\(s\) "
+                                           r"'bert\.encoder\.layer\.0': weight streaming"):
+        WeightStreamer(model)
+    model = deep_bert(2)
+    model.bert.pooler.compile()
+    with pytest.raises(SlimFitError, match=r"submodule\(s\) 'bert\.pooler': .*torch.compile runs"):
+        WeightStreamer(model)

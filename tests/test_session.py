@@ -1,0 +1,215 @@
+"""The core step object and the robustness gaps of issue 10: options survive
+the budget planner, budgets on block-less models, non-finite losses, and a
+resume in the middle of an epoch."""
+
+import dataclasses
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from slimfit.callbacks import SlimFit
+from slimfit.compress import CompressionConfig
+from slimfit.config import SlimFitConfig
+from slimfit.errors import SlimFitError
+from slimfit.planner import BudgetError, plan_for_budget
+from slimfit.session import SessionConfig, SlimFitSession
+
+from conftest import LitClassifier, lit_module, no_dropout_lit, token_loader, trainer
+import models
+
+
+def adamw(params):
+    return torch.optim.AdamW(params, lr=1e-3)
+
+
+# -- the session itself ----------------------------------------------------------------
+
+def test_session_steps_freeze_exactly_and_stop_restores_everything():
+    model = models.hf_bert()
+    batch = models.text_batch(model)
+    opt = adamw(model.parameters())
+    session = SlimFitSession(model, SessionConfig(freezing=SlimFitConfig(freeze_rate=0.75),
+                                                  compression=CompressionConfig()))
+    with pytest.raises(SlimFitError, match="before start"):
+        session.begin_step()
+    session.start(opt).start(opt)  # idempotent
+    assert session.compressor.installed
+    k = math.floor(0.75 * len(session.units))
+    for _ in range(4):
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        frozen = session.begin_step()
+        assert len(frozen) == k
+        names = {n for i in frozen for n in session.units[i].param_names}
+        assert all(not p.requires_grad for n, p in model.named_parameters() if n in names)
+        opt.zero_grad(set_to_none=True)
+        loss = model(**batch).loss
+        session.record_loss(loss)
+        loss.backward()
+        session.before_optimizer_step()
+        opt.step()
+        stats = session.end_step()
+        assert stats["frozen_units"] == k
+        after = dict(model.named_parameters())
+        assert all(torch.equal(before[n], after[n]) for n in names)  # frozen: bit-identical
+    session.stop()
+    session.stop()  # idempotent
+    assert all(p.requires_grad for p in model.parameters())
+    assert not session.compressor.installed
+
+
+def test_full_fine_tuning_session_trains_everything():
+    model = models.hf_bert()
+    batch = models.text_batch(model)
+    session = SlimFitSession(model).start(adamw(model.parameters()))
+    report = session.step(lambda: model(**batch).loss, measure=True)
+    assert report.gradients == sum(4 * p.numel() for p in model.parameters())
+    assert session.freezer is None and session.state_dict() == {}
+
+
+def test_session_config_rejects_offload_without_freezing():
+    with pytest.raises(SlimFitError, match="offload_optimizer_state=True .* needs freezing"):
+        SessionConfig(offload_optimizer_state=True)
+    with pytest.raises(SlimFitError, match="compression must be a CompressionConfig or None, got 'int8'"):
+        SessionConfig(compression="int8")
+
+
+# -- options survive the budget planner ---------------------------------------------------
+
+def test_every_freezing_option_survives_memory_budget(tmp_path):
+    """Planning used to rebuild the freezer from a keyword dict without
+    ``score_eps``: the user's value was silently dropped. Every option other
+    than the rate the plan chose must arrive as given."""
+    options = dict(score_eps=0.25, max_frozen_age=3, lr_normalized=True, seed=7,
+                   always_train=["classifier.weight"], exclude=r".*pooler.*")
+    sf = SlimFit(memory_budget="1TiB", **options)
+    trainer(tmp_path, max_steps=2, callbacks=[sf]).fit(lit_module(), token_loader(n=16))
+    got = sf.session.freezer.config
+    want = dataclasses.replace(SlimFitConfig(freeze_rate=0.9, **options),
+                               freeze_rate=sf.plan.candidate.freeze_rate)
+    assert got == want
+    assert sf.plan.config.freezing == want
+
+
+def test_compression_settings_survive_memory_budget():
+    model = models.hf_bert()
+    batch = models.text_batch(model)
+    comp = CompressionConfig(layernorm="topk", min_numel=7)
+    base = SessionConfig(freezing=SlimFitConfig(score_eps=0.5), compression=comp)
+    full = plan_for_budget(model, adamw, lambda: model(**batch).loss, 10**12, base=base)
+    tight = plan_for_budget(model, adamw, lambda: model(**batch).loss,
+                            int(full.expected_total * 0.5), base=base)
+    assert tight.config.compression in (None, comp)
+    assert tight.config.freezing.score_eps == 0.5
+
+
+# -- budgets on models without repeated blocks -----------------------------------------------
+
+def test_budget_on_a_model_without_blocks_gives_a_plan_or_a_budget_error():
+    """Weight streaming needs a list of repeated blocks; the planner must not
+    offer it to a model without one (it used to fail with SelectionError)."""
+    model = models.PlainNet()
+    x = torch.randint(0, 16, (4, 6))
+    y = torch.randint(0, 2, (4,))
+    loss = lambda: torch.nn.functional.cross_entropy(model(x), y)  # noqa: E731
+    with pytest.raises(BudgetError, match="smallest expected peak is"):
+        plan_for_budget(model, adamw, loss, 1)
+    plan = plan_for_budget(model, adamw, loss, "1GiB")
+    assert plan.stream is None
+
+
+def test_callback_budget_on_a_model_without_blocks_is_a_budget_error(tmp_path):
+    class PlainLit(LitClassifier):
+        def training_step(self, batch, _idx):
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self.model(x % 16), y)
+
+    with pytest.raises(BudgetError, match="no SlimFit configuration fits a budget of 1 B"):
+        trainer(tmp_path, max_steps=1, callbacks=[SlimFit(memory_budget=1)]).fit(
+            PlainLit(models.PlainNet()), token_loader(n=8))
+
+
+# -- non-finite losses ---------------------------------------------------------------------
+
+class NaNAt(LitClassifier):
+    """The loss is NaN at optimizer step ``at`` (every weight then moves by NaN
+    under AdamW: the classic silent corruption)."""
+
+    def __init__(self, at):
+        super().__init__(lr=1e-3)
+        self.at = at
+
+    def training_step(self, batch, idx):
+        loss = super().training_step(batch, idx)
+        return loss * float("nan") if self.global_step == self.at else loss
+
+
+def test_nonfinite_loss_warns_once_naming_the_step_and_records_no_scores(tmp_path):
+    sf = SlimFit(freeze_rate=0.5)
+    seen = {}
+
+    class Spy(pl.Callback):  # placed after SlimFit: reads the scores each step starts with
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen[trainer.global_step] = list(sf.freezer.scheduler.scores)
+
+    with pytest.warns(UserWarning, match="non-finite.*step 2") as record:
+        trainer(tmp_path, max_steps=6, callbacks=[sf, Spy()]).fit(NaNAt(at=2), token_loader(n=32))
+    assert sum("non-finite" in str(w.message) for w in record) == 1  # once, not every step
+    assert seen[3] == seen[2]  # step 2's scores were not recorded
+
+
+def test_nonfinite_loss_can_raise(tmp_path):
+    sf = SlimFit(freeze_rate=0.5, on_nonfinite="raise")
+    with pytest.raises(SlimFitError, match="step 1"):
+        trainer(tmp_path, max_steps=4, callbacks=[sf]).fit(NaNAt(at=1), token_loader(n=32))
+
+
+# -- resume in the middle of an epoch -----------------------------------------------------------
+
+class ResumableLoader(torch.utils.data.DataLoader):
+    """A DataLoader Lightning can resume mid-epoch (``state_dict`` interface):
+    it skips the batches the interrupted epoch already consumed."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._done = self._skip = 0
+
+    def __iter__(self):
+        skip, self._skip = self._skip, 0
+        self._done = 0
+        for i, b in enumerate(super().__iter__()):
+            if i >= skip:
+                self._done = i + 1
+                yield b
+
+    def state_dict(self):
+        return {"done": self._done}
+
+    def load_state_dict(self, state):
+        self._skip = state["done"]
+
+
+def loader():
+    base = token_loader(n=32, batch_size=4)  # 8 batches per epoch
+    return ResumableLoader(base.dataset, batch_size=4, shuffle=False)
+
+
+def test_mid_epoch_resume_gives_the_same_decisions_and_weights(tmp_path):
+    full = SlimFit(freeze_rate=0.75, seed=5)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    ref = no_dropout_lit()
+    trainer(tmp_path / "a", max_steps=12, callbacks=[full, ckpt], enable_checkpointing=True).fit(
+        ref, loader())
+    mid = tmp_path / "ckpt" / "epoch=0-step=3.ckpt"  # 3 of the epoch's 8 batches done
+    assert mid.exists(), sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+
+    resumed = SlimFit(freeze_rate=0.75, seed=5)
+    lit = no_dropout_lit(seed=1)  # other initial weights: everything must come from the checkpoint
+    trainer(tmp_path / "b", max_steps=12, callbacks=[resumed]).fit(lit, loader(), ckpt_path=str(mid))
+    assert resumed.freezer.history.steps == list(range(12))
+    assert resumed.freezer.history.frozen_sets() == full.freezer.history.frozen_sets()
+    assert resumed.freezer.scheduler.scores == full.freezer.scheduler.scores
+    for (n, a), b in zip(ref.named_parameters(), lit.parameters()):
+        assert torch.equal(a, b), n
