@@ -11,10 +11,12 @@ sessions: runs already in that file are skipped).
     OMP_NUM_THREADS=1 nohup python -m slimfit.experiments.fidelity --groups core &
     python -m slimfit.experiments.fidelity --report              # paired gaps, table
 
-Groups: ``core`` (full fine-tuning vs SlimFit r=0.9 + compression, three
-tasks x seeds 0-2), ``lr`` (peak learning rates of both arms on the movie
-task), ``ablation`` (head, score, staleness, schedule, selection on the movie
-task), ``rate`` (r in 0.5/0.8/0.95), ``short`` (0.2 and 1 epoch).
+Groups (``GROUPS``): ``core`` (full fine-tuning vs SlimFit r=0.9 +
+compression, three tasks x seeds 0-2; ``core0``: seed 0 only), ``ablation``
+(head, score, staleness, schedule, selection on the movie task; ``ablation0``:
+seed 0), ``lr`` (peak learning rates of both arms), ``rate`` (r in
+0.5/0.8/0.95), ``short`` (0.2 and 1 epoch). Each run records the code version
+it ran (``FIDELITY_CODE``, set by whoever starts the study from a snapshot).
 """
 
 from __future__ import annotations
@@ -39,25 +41,59 @@ SEEDS = (0, 1, 2)
 #: arm name -> overrides shared by every task of that arm
 ARMS: dict[str, list[str]] = {
     "full": ["slimfit=full"],
+    # SlimFit r=0.9 + compression at the project's defaults
     "slimfit": ["slimfit=r090_compress"],
+    # ablations, each one change from "slimfit"
+    "slimfit-head-candidate": ["slimfit=r090_compress", "+slimfit.train_new_heads=false"],
+    "slimfit-update_norm": ["slimfit=r090_compress", "+slimfit.score=update_norm"],
+    "slimfit-grad_norm": ["slimfit=r090_compress", "+slimfit.score=grad_norm"],
+    "slimfit-decay0.99": ["slimfit=r090_compress", "+slimfit.frozen_score_decay=0.99"],
+    "slimfit-age20": ["slimfit=r090_compress", "slimfit.max_frozen_age=20"],
+    "slimfit-sample": ["slimfit=r090_compress", "+slimfit.selection=sample"],
+    "slimfit-reserve0.25": ["slimfit=r090_compress", "+slimfit.reserve_fraction=0.25"],
+    "slimfit-nowarmup": ["slimfit=r090_compress", "task.warmup_fraction=0.0"],
+    "full-nowarmup": ["slimfit=full", "task.warmup_fraction=0.0"],
+}
+for _lr in ("5e-5", "2e-4", "3e-4"):
+    ARMS[f"full@lr{_lr}"] = ["slimfit=full", f"task.lr={_lr}"]
+    ARMS[f"slimfit@lr{_lr}"] = ["slimfit=r090_compress", f"task.lr={_lr}"]
+for _r in ("0.5", "0.8", "0.95"):
+    ARMS[f"slimfit-r{_r}"] = ["slimfit=r090_compress", f"slimfit.freeze_rate={_r}"]
+for _name, _budget in (("0.2ep", ["trainer.max_epochs=-1", "trainer.max_steps=53"]),
+                       ("1ep", ["trainer.max_epochs=1"])):
+    ARMS[f"full-{_name}"] = ["slimfit=full", *_budget]
+    ARMS[f"slimfit-{_name}"] = ["slimfit=r090_compress", *_budget]
+
+ABLATIONS = ("slimfit-head-candidate", "slimfit-update_norm", "slimfit-grad_norm",
+             "slimfit-decay0.99", "slimfit-age20", "slimfit-sample", "slimfit-reserve0.25",
+             "slimfit-nowarmup", "full-nowarmup")
+
+#: group -> (tasks, arms, seeds); the queue runs groups in the order given
+GROUPS = {
+    "core0": (tuple(TASKS), ("full", "slimfit"), (0,)),
+    "ablation0": (("movie",), ABLATIONS, (0,)),
+    "core": (tuple(TASKS), ("full", "slimfit"), SEEDS),
+    "ablation": (("movie",), ABLATIONS, (0, 1)),
+    "lr": (("movie",), tuple(a for a in ARMS if "@lr" in a), (0, 1)),
+    "rate": (("movie",), ("slimfit-r0.5", "slimfit-r0.8", "slimfit-r0.95"), (0, 1)),
+    "short": (tuple(TASKS), ("full-0.2ep", "slimfit-0.2ep", "full-1ep", "slimfit-1ep"), SEEDS),
 }
 
 
 def _runs(groups: list[str]) -> list[tuple[str, str, str, int, list[str]]]:
-    """(run id, task, arm, seed, overrides), in the order they should run:
-    seed-major so paired comparisons complete early."""
-    out = []
-    if "core" in groups:
-        for seed in SEEDS:
-            for task in TASKS:
-                for arm in ("full", "slimfit"):
-                    out.append((task, arm, seed, ARMS[arm]))
-    if "lr" in groups:
-        for seed in (0, 1):
-            for arm in ("full", "slimfit"):
-                for lr in ("5e-5", "2e-4", "3e-4"):
-                    out.append(("movie", f"{arm}@lr{lr}", seed, ARMS[arm] + [f"task.lr={lr}"]))
-    return [(f"{t}/{a}/seed{s}", t, a, s, o) for t, a, s, o in out]
+    """(run id, task, arm, seed, overrides) in queue order, seed-major within a
+    group so that paired comparisons complete early; duplicates dropped."""
+    out, seen = [], set()
+    for g in groups:
+        tasks, arms, seeds = GROUPS[g]
+        for seed in seeds:
+            for task in tasks:
+                for arm in arms:
+                    run_id = f"{task}/{arm}/seed{seed}"
+                    if run_id not in seen:
+                        seen.add(run_id)
+                        out.append((run_id, task, arm, seed, ARMS[arm]))
+    return out
 
 
 def _done() -> dict[str, dict]:
@@ -84,6 +120,7 @@ def run_one(run_id: str, task: str, arm: str, seed: int, overrides: list[str]) -
            "val_size": res["val_size"], "memory_total": (res["memory"] or {}).get("total"),
            "step_time_s": res["step_time_s"], "wall_s": round(time.time() - t0, 1),
            "threads": os.environ.get("OMP_NUM_THREADS", "default"),
+           "code": os.environ.get("FIDELITY_CODE", "working tree"),
            "date": time.strftime("%Y-%m-%d %H:%M")}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     with RESULTS.open("a") as f:
@@ -114,7 +151,7 @@ def report() -> str:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--groups", nargs="+", default=["core"], choices=["core", "lr"])
+    ap.add_argument("--groups", nargs="+", default=["core"], choices=list(GROUPS))
     ap.add_argument("--list", action="store_true", help="print the pending runs and exit")
     ap.add_argument("--report", action="store_true", help="print the paired-gap table and exit")
     args = ap.parse_args(argv)
