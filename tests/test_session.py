@@ -213,3 +213,23 @@ def test_mid_epoch_resume_gives_the_same_decisions_and_weights(tmp_path):
     assert resumed.freezer.scheduler.scores == full.freezer.scheduler.scores
     for (n, a), b in zip(ref.named_parameters(), lit.parameters()):
         assert torch.equal(a, b), n
+
+
+# -- determinism ------------------------------------------------------------------------
+
+def test_two_identical_runs_are_bit_identical(tmp_path):
+    """Same seed, same machine, same thread count: SlimFit with compression and
+    dropout on trains to the same weights and decisions, so a demo's figures
+    reproduce exactly (across CPUs, vector kernels may round differently)."""
+    def run(sub):
+        pl.seed_everything(0, verbose=False)
+        lit = lit_module(lr=1e-2)  # tiny BERT with dropout
+        sf = SlimFit(freeze_rate=0.75, compression=True)
+        trainer(tmp_path / sub, max_steps=6, callbacks=[sf]).fit(lit, token_loader(n=32))
+        return lit, sf.freezer.history.frozen_sets()
+
+    a, fa = run("a")
+    b, fb = run("b")
+    assert fa == fb
+    for (n, x), y in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(x, y), n
