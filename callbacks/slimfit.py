@@ -1,15 +1,10 @@
 """``SlimFit``: per-iteration layer freezing (arXiv 2305.18513) as one Lightning
-callback. The method and its step protocol live in
-:class:`slimfit.session.SlimFitSession`; each hook here is a call into it:
-``setup`` builds it (selection errors surface there), ``on_fit_start`` checks
-the strategy and optimizer and starts it, the first micro-batch of each
-optimizer step decides the frozen set (rank 0's decision broadcast under DDP)
-and begins the step (planning first, with a ``memory_budget``),
-``on_before_backward`` notes the loss, ``on_before_optimizer_step`` and
-``on_train_batch_end`` (once ``global_step`` advanced) close the step.
-Unsupported setups (sharded strategies, DDP without
-``find_unused_parameters``, manual optimization, streaming in several
-processes) are refused with an error naming the fix (``checks.py``).
+callback. The step protocol lives in :class:`slimfit.session.SlimFitSession`;
+each hook is a call into it: ``setup`` builds it, ``on_fit_start`` checks the
+strategy and optimizer and starts it, the first micro-batch of an optimizer
+step decides (rank 0's decision broadcast under DDP) and begins the step,
+``on_before_backward`` notes the loss, and the optimizer step closes it.
+Unsupported setups are refused by ``checks.py`` with an error naming the fix.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ __all__ = ["ClassificationTask", "ClassificationData", "minilm_path", "hf_pretra
 # ----------------------------------------------------------------------------
 
 
-def hf_pretrained(path: str, num_labels: int, attn_implementation: str = "eager") -> nn.Module:
+def hf_pretrained(path: str, num_labels: int, attn_implementation: str = "sdpa") -> nn.Module:
     """A Hugging Face sequence classifier from a local path or hub name
     (``minilm`` = the packaged MiniLM). Offline: a hub name must be cached."""
     from transformers import AutoModelForSequenceClassification
@@ -41,7 +41,7 @@ _FAMILIES = {"bert": ("BertConfig", "BertForSequenceClassification"),
              "vit": ("ViTConfig", "ViTForImageClassification")}
 
 
-def hf_from_config(family: str, num_labels: int, attn_implementation: str = "eager",
+def hf_from_config(family: str, num_labels: int, attn_implementation: str = "sdpa",
                    **config: Any) -> nn.Module:
     """A randomly initialised HF model from its config (BERT-base, ViT-B/16 ...)."""
     if family not in _FAMILIES:
@@ -64,9 +64,9 @@ class _TimmClassifier(nn.Module):
 
 
 def timm_vit(name: str, num_labels: int, img_size: int, patch_size: int | None = None,
-             eager_attention: bool = True, **kwargs: Any) -> nn.Module:
+             eager_attention: bool = False, **kwargs: Any) -> nn.Module:
     """A timm ViT from scratch (no package ships ViT weights); ``eager_attention``
-    turns off timm's fused attention so its probabilities can be compressed."""
+    turns off timm's fused attention (compression covers both paths)."""
     import timm
     extra = {"patch_size": patch_size} if patch_size else {}
     m = timm.create_model(name, pretrained=False, num_classes=num_labels, img_size=img_size,

@@ -273,6 +273,9 @@ class ActivationCompressor:
         SlimFitError: the model or a module inside it is ``torch.compile``-d;
             SelectionError: a ``modules`` pattern that matches no module.
 
+    ``sdpa`` is the :class:`slimfit.fused_attention.SDPARouter` of the
+    attention scopes (calls routed, calls that fell back and why).
+
     Example:
         >>> m = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8))
         >>> comp = ActivationCompressor(m, CompressionConfig(min_numel=0))
@@ -305,6 +308,7 @@ class ActivationCompressor:
         detected = detect_kinds(self.model)
         targets: dict[str, list[tuple[str, nn.Module]]] = {}
         missing: list[str] = []
+        other: dict[str, str] = {}  # attention module -> kernel that bypasses SDPA
         for kind in KINDS:
             pat = (cfg.modules or {}).get(kind)
             chosen = detected[kind] if pat is None else \
@@ -323,10 +327,10 @@ class ActivationCompressor:
             # Linears always get a scope, pass-through when "none": otherwise an
             # enclosing attention scope would quantize their inputs.
             targets[kind] = chosen if cfg.enabled(kind) or kind == "linear_input" else []
-        if self.skipped:
-            kinds = sorted({why.split("'")[1] for why in self.skipped.values()})
-            warnings.warn(f"SlimFit compression leaves {len(self.skipped)} attention module(s) "
-                          f"alone: kernel(s) {kinds} do not call F.scaled_dot_product_attention; "
+        if other:
+            warnings.warn(f"SlimFit compression leaves {len(other)} attention module(s) alone: "
+                          f"kernel(s) {sorted(set(other.values()))} do not call "
+                          "F.scaled_dot_product_attention; "
                           "use attn_implementation='sdpa' or 'eager' to compress attention.",
                           UserWarning, stacklevel=3)
         if missing:

@@ -1,44 +1,46 @@
 """Compression inside fused attention: ``F.scaled_dot_product_attention``
 (SDPA) called inside a compressed attention scope runs through
-:class:`CompressedSDPA`, which keeps q, k and v quantized (per token and head)
+:class:`CompressedSDPA`, which saves q, k and v quantized (per token and head)
 instead of what the fused kernel saves, and never a T x T tensor.
 
-How a call gets here: the attention scope of ``slimfit.compress`` enters a
+Interception: the attention scope of ``slimfit.compress`` enters a
 :class:`torch.overrides.TorchFunctionMode` in the module's forward pre-hook
-and leaves it in its forward hook, so only SDPA calls made while that module
-runs are rerouted (Hugging Face ``attn_implementation="sdpa"``, timm
-``fused_attn=True``, any model); no function of ``torch`` is patched and
-nothing is left behind when the hooks are removed.
+and leaves it in its forward hook (``always_call``), so only SDPA calls made
+while that module runs are rerouted (Hugging Face ``sdpa``, timm
+``fused_attn``, any model); nothing in ``torch`` is patched, and nothing is
+left once the hooks are removed.
 
-Forward: the fused kernel itself (``F.scaled_dot_product_attention`` with grad
-disabled: flash / memory-efficient on CUDA, the flash kernel on CPU, the math
-kernel where PyTorch picks it), so outputs and the RNG stream are those of the
-plain call. Saved, through the hooks outside SlimFit's scopes (the ledger,
-activation offload): q, k, v quantized with the attention treatment (int8 per
-row of the innermost dimension: per token and head), the mask in its smallest
-exact form (a padding mask shared by all query rows as one row, shared by
-every layer), and with dropout the device RNG state before the call.
+Forward: SDPA itself (flash / memory-efficient on CUDA, flash or math on
+CPU, whichever PyTorch picks), with grad disabled; so the output and the RNG
+stream are the plain call's. With dropout it runs on leaves requiring grad as
+the caller's inputs do, its graph dropped at once: PyTorch's kernel choice
+may depend on requires_grad, and only the same kernel draws the same mask.
+Saved, through the hooks outside SlimFit's scopes (the ledger, activation
+offload): q, k, v quantized with the attention treatment (int8 per row of
+the innermost dim: per token and head), the mask in its smallest exact form
+(a padding mask as one row, one storage for all layers), and with dropout
+the device RNG state from before the call.
 
 Backward: recompute (option b), not the fused backward ops (option a). The
 backward kernels are private aten ops (``_scaled_dot_product_flash_attention_
 for_cpu_backward``, ``_efficient_attention_backward``, ``_flash_attention_
 backward``, cuDNN's) whose signatures, mask support, GQA handling and dropout
 RNG conventions (philox seed/offset tensors) differ per backend and have
-changed across releases; which one ran is decided in C++ and not reported. A
-recompute calls only the public function: the attention forward is run again
-from the restored q, k, v with autograd on, under the saved RNG state (the
-same dropout mask: the same kernel draws the same numbers from the same state)
-and the forward's autocast state, and its gradient is taken. That covers every
-mask, causal, GQA (``enable_gqa``), dropout, dtype and device alike, and saves
-less (no output, no logsumexp). It costs one attention forward in backward and
-that layer's attention workspace transiently (on CPU with dropout, the math
-kernel's T x T probabilities, freed once the layer's backward is done). The
-restored operands keep the layout (stride order) of the originals, so the
-recompute picks the kernel the forward picked.
+changed across releases, and which one ran is decided in C++ and not
+reported; they also need the output and logsumexp saved. The recompute uses
+only the public function: attention is run again from the restored q, k, v
+with autograd on, under the saved RNG state (the same dropout mask) and the
+forward's autocast state, and differentiated. That covers every mask,
+causal, GQA (``enable_gqa``), dropout, dtype and device alike. It costs one
+attention forward in backward and that layer's attention workspace,
+transiently (on CPU with dropout, the math kernel's T x T probabilities, freed
+when the layer's backward ends). Restored operands keep the originals'
+stride order, so the recompute picks the forward's kernel.
 
-Calls the route cannot take (an unknown argument, tensor subclasses or nested
+Calls the route cannot take (an unknown argument, tensor subclasses, nested
 tensors, a mask that requires grad) run the plain op, uncompressed, with one
 warning per reason; calls with nothing to differentiate run the plain op.
+Double backward through a routed call is not supported.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from slimfit.quantize import Quantized, dequantize, pack_bool, quantize, unpack_bool
+from slimfit.quantize import dequantize, pack_bool, quantize, unpack_bool
 from slimfit.storage import storage_identity
 
 __all__ = ["CompressedSDPA", "SDPARouter"]
@@ -230,8 +232,17 @@ class CompressedSDPA(torch.autograd.Function):
         call.rng = _get_rng(dev) if call.dropout_p > 0 else None
         call.autocast = (torch.is_autocast_enabled(dev.type), torch.get_autocast_dtype(dev.type),
                          torch.is_autocast_cache_enabled())
-        with torch.no_grad():
-            out = _SDPA(q, k, v, **call.kwargs(mask))
+        if call.dropout_p > 0:
+            # As the plain call runs (inputs requiring grad), so PyTorch picks the
+            # kernel it would pick there and in the recompute (its choice may
+            # depend on requires_grad): the same kernel draws the same dropout
+            # mask. The graph is dropped at once; its saves stay out of the hooks.
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_keep, _same):
+                leaves = [x.detach().requires_grad_(x.requires_grad) for x in (q, k, v)]
+                out = _SDPA(*leaves, **call.kwargs(mask)).detach()
+        else:
+            with torch.no_grad():
+                out = _SDPA(q, k, v, **call.kwargs(mask))
         pieces = []
         for x in (q, k, v):
             perm = _stride_order(x)

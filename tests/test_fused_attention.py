@@ -379,6 +379,33 @@ def test_dropout_mask_in_backward_is_the_forwards(mask_kind):
         torch.testing.assert_close(a, b)
 
 
+def test_composes_with_activation_offload():
+    """The compressed q, k, v go to the hooks outside SlimFit's scopes
+    (activation offload here): the offloader moves int8 pieces, and the
+    gradients are those of compression alone."""
+    from slimfit.offload import ActivationOffloader
+    torch.manual_seed(0)
+    model = hf_bert_sdpa(0.1).train()
+    batch = text_batch()
+    comp = ActivationCompressor(model, CompressionConfig(min_numel=0))
+    ref = grads("hf", model, batch, seed=1, comp=comp)
+    moved = []
+
+    class Recording(ActivationOffloader):
+        def pack(self, t):
+            moved.append(t.dtype)
+            return super().pack(t)
+
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    with Recording(model, min_bytes=0, force_host_copy=True, pin_memory=False), comp:
+        loss = loss_of("hf", model, batch)
+    loss.backward()
+    assert comp.sdpa.routed == 4 and torch.uint8 in moved
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad.double().flatten(), ref[n])
+
+
 def test_padding_mask_is_saved_as_one_row_shared_by_layers():
     """A (B, 1, T, S) padding mask is saved as (B, 1, 1, S), one storage for
     every layer."""
