@@ -1,6 +1,8 @@
 """`make demo`: fine-tune the real pretrained MiniLM on the movie-review
 sentences three ways (full fine-tuning, SlimFit r=0.9, SlimFit r=0.9 with
-activation compression) and print the comparison table.
+activation compression), all with SDPA attention as transformers loads the
+model, plus full fine-tuning with eager attention as a secondary row, and
+print the comparison table.
 
     python -m slimfit.experiments.demo [--steps 60] [--out runs/demo]
 
@@ -22,7 +24,12 @@ from omegaconf import open_dict
 from slimfit.experiments import report
 from slimfit.experiments.train import CONFIG_DIR, run
 
-EXPERIMENTS = ("movie_full", "movie_slimfit", "movie_slimfit_compress")
+#: (run folder, experiment, extra overrides): the baseline is the model as loaded
+#: (SDPA attention); full fine-tuning with eager attention is a secondary row
+EXPERIMENTS = (("movie_full", "movie_full", []),
+               ("movie_slimfit", "movie_slimfit", []),
+               ("movie_slimfit_compress", "movie_slimfit_compress", []),
+               ("movie_full_eager", "movie_full", ["model.attn_implementation=eager"]))
 
 
 def main(argv=None) -> None:
@@ -34,12 +41,12 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     out = pathlib.Path(args.out).resolve()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        for i, exp in enumerate(EXPERIMENTS, 1):
-            print(f"\n=== [{i}/{len(EXPERIMENTS)}] {exp}: {args.steps} steps ===", flush=True)
+        for i, (name, exp, extra) in enumerate(EXPERIMENTS, 1):
+            print(f"\n=== [{i}/{len(EXPERIMENTS)}] {name}: {args.steps} steps ===", flush=True)
             cfg = compose("train", return_hydra_config=True,
                           overrides=[f"experiment={exp}", f"seed={args.seed}",
                                      f"trainer.max_steps={args.steps}",
-                                     f"output_dir={out / exp}", *args.overrides])
+                                     f"output_dir={out / name}", *extra, *args.overrides])
             HydraConfig.instance().set_config(cfg)  # so results name the chosen model config
             with open_dict(cfg):
                 del cfg["hydra"]

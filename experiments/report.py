@@ -45,11 +45,14 @@ FULL = "full fine-tuning"
 
 
 def _label(r: dict) -> str:
+    # eager attention is a secondary row: the baseline users run is the model as
+    # loaded (SDPA / fused attention)
+    eager = ", eager attention" if r.get("attention") == "eager" else ""
     if r.get("method_label"):
-        return r["method_label"]
+        return r["method_label"] + eager
     if r["method"] == "full":  # a run from before the method group
-        return FULL
-    return f"SlimFit r={r['freeze_rate']:g}" + (" + compression" if r["compression"] else "")
+        return FULL + eager
+    return f"SlimFit r={r['freeze_rate']:g}" + (" + compression" if r["compression"] else "") + eager
 
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:

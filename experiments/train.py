@@ -135,6 +135,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     compression = bool(slimfit and slimfit.session.config.compression is not None)
     results = {
         "task": cfg.data.task, "model": _choice("model", cfg.model._target_),
+        # how attention ran: HF attn_implementation, or timm's fused/eager switch
+        "attention": cfg.model.get("attn_implementation") or (
+            "eager" if cfg.model.get("eager_attention") else "fused"),
         "method": meta["method"],
         "method_label": run_label(method, rate if slimfit else None, compression),
         "lora_r": method.lora.r if method.lora else None,
