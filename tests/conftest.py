@@ -14,6 +14,8 @@ import lightning.pytorch as pl  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import models  # noqa: E402
+
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
@@ -21,16 +23,6 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 def _seed():
     torch.manual_seed(0)
     yield
-
-
-def tiny_bert(attn: str = "eager", num_labels: int = 2):
-    """A 2-layer BERT from config (random init), small enough for unit tests."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    cfg = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64, num_labels=num_labels,
-                     attn_implementation=attn)
-    return BertForSequenceClassification(cfg)
 
 
 def token_loader(n: int = 32, batch_size: int = 4, seq: int = 16, vocab: int = 128, seed: int = 0):
@@ -48,7 +40,7 @@ class LitClassifier(pl.LightningModule):
 
     def __init__(self, model=None, optimizer: str = "adamw", lr: float = 1e-3):
         super().__init__()
-        self.model = model if model is not None else tiny_bert()
+        self.model = model if model is not None else models.hf_bert()
         self.optimizer_name, self.lr = optimizer, lr
 
     def training_step(self, batch, _idx):
@@ -65,13 +57,8 @@ def lit_module(model=None, optimizer: str = "adamw", lr: float = 1e-3):
 
 def no_dropout_lit(seed: int = 0, layers: int = 2):
     """A tiny BERT without dropout (two runs comparable bit for bit), lr 1e-2."""
-    from transformers import BertConfig, BertForSequenceClassification
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=layers,
-                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
-                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                     attn_implementation="eager")
-    return lit_module(BertForSequenceClassification(cfg), lr=1e-2)
+    return lit_module(models.hf_bert(layers, dropout=0.0), lr=1e-2)
 
 
 def make_optimizer(name: str, params, lr: float = 1e-3):

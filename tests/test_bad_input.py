@@ -19,8 +19,7 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from omegaconf import open_dict
 from torch import nn
 
-from conftest import tiny_bert
-from models import PlainNet
+from models import PlainNet, hf_bert
 from slimfit.callbacks import MemoryMonitor, SlimFit
 from slimfit.callbacks.checks import check_strategy
 from slimfit.compress import ActivationCompressor, CompressionConfig, Treatment
@@ -262,7 +261,7 @@ CASES = [
     ("compression_dropout_mask_string", lambda: CompressionConfig(dropout_mask="yes"),
      SlimFitError, "got 'yes'"),
     ("compressor_pattern_matches_nothing",
-     lambda: ActivationCompressor(tiny_bert(), CompressionConfig(modules={"gelu": r".*\.act_fn"})),
+     lambda: ActivationCompressor(hf_bert(), CompressionConfig(modules={"gelu": r".*\.act_fn"})),
      SelectionError, r"'.*\\.act_fn'"),
     ("compressor_config_wrong_type", lambda: ActivationCompressor(PlainNet(), "int8"),
      SlimFitError, "'int8'"),
@@ -285,14 +284,14 @@ CASES = [
     ("stream_units_bad_regex", lambda: StreamConfig(units="layer[0-"), SelectionError,
      "'layer[0-'"),
     ("streamer_units_match_nothing",
-     lambda: WeightStreamer(tiny_bert(), StreamConfig(units=r"blocks\.\d+")), SelectionError,
+     lambda: WeightStreamer(hf_bert(), StreamConfig(units=r"blocks\.\d+")), SelectionError,
      r"'blocks\\.\\d+'"),
     ("streamer_units_nest",
-     lambda: WeightStreamer(tiny_bert(),
+     lambda: WeightStreamer(hf_bert(),
                             StreamConfig(units=["bert.encoder", "bert.encoder.layer.0"])),
      SelectionError, "'bert.encoder.layer.0'"),
     ("streamer_no_blocks", lambda: WeightStreamer(PlainNet()), SelectionError, "PlainNet"),
-    ("streamer_config_wrong_type", lambda: WeightStreamer(tiny_bert(), 2), SlimFitError, "got 2"),
+    ("streamer_config_wrong_type", lambda: WeightStreamer(hf_bert(), 2), SlimFitError, "got 2"),
     # -- parse_budget --------------------------------------------------------------------------
     ("budget_unknown_unit", lambda: parse_budget("12 GiBs"), BudgetError, "'12 GiBs'"),
     ("budget_empty", lambda: parse_budget(""), BudgetError, "''"),

@@ -10,17 +10,17 @@ from slimfit.compress import ActivationCompressor, CompressionConfig, Treatment
 from slimfit.errors import SelectionError, SlimFitError
 from slimfit.ledger import SavedTensorTracker
 
-from models import CASES, PlainNet, hf_bert, loss_fn
+from models import BERT, PlainNet, each_case, hf_bert
 
 
-def grads_and_peak(name, model, batch, comp=None):
+def grads_and_peak(model, batch, comp=None, case=BERT):
     model.zero_grad(set_to_none=True)
     with SavedTensorTracker(model) as tr:
         if comp is not None:
             with comp:
-                loss_fn(name, model, batch).backward()
+                case.loss(model, batch).backward()
         else:
-            loss_fn(name, model, batch).backward()
+            case.loss(model, batch).backward()
     return {n: p.grad.detach().double().flatten().clone()
             for n, p in model.named_parameters() if p.grad is not None}, tr.peak
 
@@ -33,69 +33,68 @@ def min_cosine(exact, approx):
                for n in exact if exact[n].norm().item() > 1e-4 * big)
 
 
-@pytest.mark.parametrize("name,factory,batch_fn,_n", CASES, ids=[c[0] for c in CASES])
-def test_gradient_fidelity_and_fewer_saved_bytes(name, factory, batch_fn, _n):
-    torch.manual_seed(0)
-    model = factory().eval()  # no dropout: both passes compute the same function
-    if name == "timm-vit":
+@each_case()
+def test_gradient_fidelity_and_fewer_saved_bytes(case):
+    model = case.build().eval()  # no dropout: both passes compute the same function
+    if case.name == "timm-vit":
         for m in model.modules():
             if hasattr(m, "fused_attn"):
                 m.fused_attn = False  # eager attention, so it is compressed too
-    batch = batch_fn(model)
-    exact, peak0 = grads_and_peak(name, model, batch)
+    batch = case.batch(model)
+    exact, peak0 = grads_and_peak(model, batch, case=case)
     comp = ActivationCompressor(model, CompressionConfig(min_numel=0))
-    approx, peak1 = grads_and_peak(name, model, batch, comp)
+    approx, peak1 = grads_and_peak(model, batch, comp, case=case)
     assert min_cosine(exact, approx) >= 0.99
     assert peak1 < peak0
-    if name != "plain":
+    if case.name != "plain":
         assert comp.preview()["attention"] and comp.preview()["gelu"]
     assert not comp.installed and all(not m._forward_pre_hooks for m in model.modules())
 
 
 def test_medium_bert_saved_activations_shrink_at_least_3x():
-    from transformers import BertConfig, BertForSequenceClassification
     torch.manual_seed(0)
-    m = BertForSequenceClassification(BertConfig(
-        vocab_size=256, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=512, attn_implementation="eager")).eval()
+    m = hf_bert(vocab=256, hidden=128, intermediate=512, positions=512).eval()
     for p in m.parameters():  # freezing removes the dynamic activations: statics remain
         p.requires_grad_(p.dim() < 2 or "classifier" in str(p.shape))
     m.classifier.weight.requires_grad_(True)
     batch = {"input_ids": torch.randint(0, 256, (4, 64)), "labels": torch.tensor([0, 1, 0, 1])}
-    exact, peak0 = grads_and_peak("hf-bert", m, batch)
-    approx, peak1 = grads_and_peak("hf-bert", m, batch, ActivationCompressor(m))
+    exact, peak0 = grads_and_peak(m, batch)
+    approx, peak1 = grads_and_peak(m, batch, ActivationCompressor(m))
     assert peak0 / peak1 >= 3.0, (peak0, peak1)
     assert min_cosine(exact, approx) >= 0.99
 
 
-def test_layernorm_topk_alternative_runs_and_is_less_faithful_than_int8():
+def bert_and_batch():
+    """The default BERT without dropout and a batch drawn after it from the global seed."""
     torch.manual_seed(0)
     m = hf_bert().eval()
-    b = {"input_ids": torch.randint(0, 128, (4, 12)), "labels": torch.tensor([0, 1, 0, 1])}
-    exact, _ = grads_and_peak("hf-bert", m, b)
+    return m, {"input_ids": torch.randint(0, 128, (4, 12)), "labels": torch.tensor([0, 1, 0, 1])}
+
+
+def test_layernorm_topk_alternative_runs_and_is_less_faithful_than_int8():
+    m, b = bert_and_batch()
+    exact, _ = grads_and_peak(m, b)
     only_ln = dict(attention="none", gelu="none", ffn_down_input="none", dropout_mask=False,
                    min_numel=0)
-    int8, _ = grads_and_peak("hf-bert", m, b, ActivationCompressor(
+    int8, _ = grads_and_peak(m, b, ActivationCompressor(
         m, CompressionConfig(layernorm="int8", **only_ln)))
-    topk, _ = grads_and_peak("hf-bert", m, b, ActivationCompressor(
+    topk, _ = grads_and_peak(m, b, ActivationCompressor(
         m, CompressionConfig(layernorm=Treatment(method="topk", topk_fraction=0.1), **only_ln)))
     assert min_cosine(exact, int8) > min_cosine(exact, topk)
 
 
 def test_bf16_autocast():
-    torch.manual_seed(0)
-    m = hf_bert().eval()
-    b = {"input_ids": torch.randint(0, 128, (4, 12)), "labels": torch.tensor([0, 1, 0, 1])}
+    m, b = bert_and_batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        exact, _ = grads_and_peak("hf-bert", m, b)
-        approx, _ = grads_and_peak("hf-bert", m, b, ActivationCompressor(m, CompressionConfig(min_numel=0)))
+        exact, _ = grads_and_peak(m, b)
+        approx, _ = grads_and_peak(m, b, ActivationCompressor(m, CompressionConfig(min_numel=0)))
     assert min_cosine(exact, approx) >= 0.98
 
 
 def test_fused_attention_is_detected_and_compressed(recwarn):
     """SDPA attention is compressed now (tests/test_fused_attention.py); only
     kernels that bypass F.scaled_dot_product_attention are left alone."""
-    m = hf_bert_sdpa()
+    m = hf_bert(attn="sdpa", positions=512)
     comp = ActivationCompressor(m)
     assert not [w for w in recwarn if "attention" in str(w.message)]
     names = ["bert.encoder.layer.0.attention.self", "bert.encoder.layer.1.attention.self"]
@@ -106,13 +105,6 @@ def test_fused_attention_is_detected_and_compressed(recwarn):
     with pytest.warns(UserWarning, match="leaves 2 attention module.*'flash_attention_2'"):
         comp = ActivationCompressor(m)
     assert comp.preview()["attention"] == [] and len(comp.preview()["skipped"]) == 2
-
-
-def hf_bert_sdpa():
-    from transformers import BertConfig, BertForSequenceClassification
-    return BertForSequenceClassification(BertConfig(
-        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, attn_implementation="sdpa"))
 
 
 def test_compiled_model_is_refused():

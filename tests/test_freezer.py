@@ -10,17 +10,18 @@ from slimfit.errors import CheckpointMismatchError, NonFiniteError, SlimFitError
 from slimfit.freezer import LayerFreezer
 from slimfit.scores import SCORES
 
-from models import CASES, loss_fn
+from models import BERT, each_case
 
 
-def train_steps(name, model, batch, freezer, opt, steps):
+def train_steps(case, model, freezer, opt, steps):
+    batch = case.batch(model)
     frozen_ok = []
     for _ in range(steps):
         frozen = freezer.decide()
         freezer.apply(frozen)
         before = [p.detach().clone() for i in frozen for p in freezer.units[i].params]
         opt.zero_grad(set_to_none=True)
-        loss_fn(name, model, batch).backward()
+        case.loss(model, batch).backward()
         freezer.before_optimizer_step()
         opt.step()
         freezer.after_optimizer_step()
@@ -29,12 +30,12 @@ def train_steps(name, model, batch, freezer, opt, steps):
     return frozen_ok
 
 
-@pytest.mark.parametrize("name,factory,batch_fn,_n", CASES, ids=[c[0] for c in CASES])
-def test_every_family_trains_with_freezing(name, factory, batch_fn, _n):
-    model = factory()
+@each_case()
+def test_every_family_trains_with_freezing(case):
+    model = case.factory()
     freezer = LayerFreezer(model, freeze_rate=0.8, seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    ok = train_steps(name, model, batch_fn(model), freezer, opt, 6)
+    ok = train_steps(case, model, freezer, opt, 6)
     assert all(ok)
     assert all(len(f) == math.floor(0.8 * len(freezer.units)) for f in freezer.history.frozen_sets())
     assert sum(s is not None for s in freezer.scheduler.scores) >= min(
@@ -42,17 +43,16 @@ def test_every_family_trains_with_freezing(name, factory, batch_fn, _n):
 
 
 def test_zero_lr_step_is_not_a_measurement():
-    model = CASES[0][1]()
-    batch = CASES[0][2](model)
+    model = BERT.factory()
     freezer = LayerFreezer(model, freeze_rate=0.5)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    train_steps("hf-bert", model, batch, freezer, opt, 1)
+    train_steps(BERT, model, freezer, opt, 1)
     assert freezer.last_stats["measured"] == 0.0
     assert freezer.scheduler.scores == [None] * len(freezer.units)
 
 
 def test_skipped_step_flag_is_respected():
-    model = CASES[0][1]()
+    model = BERT.factory()
     freezer = LayerFreezer(model, freeze_rate=0.5)
     freezer.apply(freezer.decide())
     freezer.before_optimizer_step()
@@ -61,7 +61,7 @@ def test_skipped_step_flag_is_respected():
 
 
 def test_state_round_trip_and_mismatch():
-    model = CASES[0][1]()
+    model = BERT.factory()
     a = LayerFreezer(model, freeze_rate=0.5, seed=1)
     a.apply(a.decide())
     a.before_optimizer_step()
@@ -78,7 +78,7 @@ def test_state_round_trip_and_mismatch():
 
 
 def test_misuse_is_reported():
-    model = CASES[0][1]()
+    model = BERT.factory()
     f = LayerFreezer(model, freeze_rate=0.5)
     with pytest.raises(SlimFitError, match="before apply"):
         f.before_optimizer_step()
@@ -140,12 +140,12 @@ class NaNWritingSGD(torch.optim.SGD):
 def run_with_nonfinite(freezer, model, opt, steps, nan_loss_at=None):
     """Train ``steps`` steps; at ``nan_loss_at`` the loss is multiplied by NaN.
     Returns the scheduler's scores after each step."""
-    batch = CASES[0][2](model)
+    batch = BERT.batch(model)
     history = []
     for step in range(steps):
         freezer.apply(freezer.decide())
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn("hf-bert", model, batch)
+        loss = BERT.loss(model, batch)
         if step == nan_loss_at:
             loss = loss * float("nan")
         loss.backward()
@@ -157,7 +157,7 @@ def run_with_nonfinite(freezer, model, opt, steps, nan_loss_at=None):
 
 
 def test_nan_loss_warns_once_naming_the_step_and_records_no_scores():
-    model = CASES[0][1]()
+    model = BERT.factory()
     freezer = LayerFreezer(model, freeze_rate=0.5, seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     with pytest.warns(UserWarning, match=r"non-finite loss/scores at step 3 \(the loss") as rec:
@@ -171,7 +171,7 @@ def test_nan_loss_warns_once_naming_the_step_and_records_no_scores():
 
 
 def test_nan_loss_raises_naming_the_step():
-    model = CASES[0][1]()
+    model = BERT.factory()
     freezer = LayerFreezer(model, freeze_rate=0.5, on_nonfinite="raise")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     with pytest.raises(NonFiniteError, match="step 2 .*the loss"):
@@ -182,10 +182,10 @@ def test_nan_loss_raises_naming_the_step():
 def test_nonfinite_loss_flag_alone_is_enough():
     """A float loss or an "all micro-batches finite" bool tensor: the scores may be finite."""
     for flag in (float("inf"), torch.tensor(False)):
-        model = CASES[0][1]()
+        model = BERT.factory()
         freezer = LayerFreezer(model, freeze_rate=0.5)
         freezer.apply(freezer.decide())
-        loss_fn("hf-bert", model, CASES[0][2](model)).backward()
+        BERT.loss(model, BERT.batch(model)).backward()
         freezer.before_optimizer_step()
         torch.optim.SGD(model.parameters(), lr=0.1).step()
         with pytest.warns(UserWarning, match="step 0"):
@@ -195,19 +195,19 @@ def test_nonfinite_loss_flag_alone_is_enough():
 
 @pytest.mark.parametrize("score", SCORES)
 def test_optimizer_writing_nan_is_detected_by_every_score(score):
-    model = CASES[0][1]()
+    model = BERT.factory()
     freezer = LayerFreezer(model, freeze_rate=0.5, seed=1, score=score)
     with pytest.warns(UserWarning, match=r"step 2 \(scores of \d+ unit"):
         scores = run_with_nonfinite(freezer, model, NaNWritingSGD(model.parameters(), 2), 4)
     assert scores[2] == scores[1] and freezer.nonfinite_steps[0] == 2
     with pytest.raises(NonFiniteError, match="step 2"):
-        model = CASES[0][1]()
+        model = BERT.factory()
         f = LayerFreezer(model, freeze_rate=0.5, score=score, on_nonfinite="raise")
         run_with_nonfinite(f, model, NaNWritingSGD(model.parameters(), 2), 4)
 
 
 def test_skipped_step_is_not_read_and_not_warned(recwarn):
-    model = CASES[0][1]()
+    model = BERT.factory()
     freezer = LayerFreezer(model, freeze_rate=0.5)
     freezer.apply(freezer.decide())
     freezer.before_optimizer_step()
@@ -221,10 +221,10 @@ def test_skipped_step_is_not_read_and_not_warned(recwarn):
 @pytest.mark.parametrize("kw", [{"score": s} for s in SCORES] + [
     {"selection": "sample", "reserve_fraction": 0.3, "frozen_score_decay": 0.9}])
 def test_every_score_and_policy_trains_with_exact_frozen_counts(kw):
-    model = CASES[0][1]()
+    model = BERT.factory()
     freezer = LayerFreezer(model, freeze_rate=0.8, seed=0, **kw)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    assert all(train_steps("hf-bert", model, CASES[0][2](model), freezer, opt, 12))
+    assert all(train_steps(BERT, model, freezer, opt, 12))
     k = math.floor(0.8 * len(freezer.units))
     assert all(len(f) == k for f in freezer.history.frozen_sets())
     assert freezer.scheduler.initial_pass_done
@@ -232,7 +232,7 @@ def test_every_score_and_policy_trains_with_exact_frozen_counts(kw):
 
 
 def test_embedding_tables_are_scored_over_used_rows():
-    model = CASES[0][1]()
+    model = BERT.factory()
     f = LayerFreezer(model, freeze_rate=0.0, score="update_norm")
     word = "bert.embeddings.word_embeddings.weight"
     assert id(dict(model.named_parameters())[word]) in f._tables

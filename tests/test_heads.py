@@ -10,7 +10,7 @@ from slimfit.errors import SelectionError
 from slimfit.freezer import LayerFreezer
 from slimfit.heads import detect_new_heads, new_head_parameters
 
-from models import CASES, loss_fn
+from models import BERT, each_case, hf_bert
 
 # (case name, expected head parameters, how they are found), models built from config
 HEADS = {
@@ -23,24 +23,24 @@ HEADS = {
 }
 
 
-@pytest.mark.parametrize("name,factory,batch_fn,n_units", CASES, ids=[c[0] for c in CASES])
-def test_head_of_every_family_is_found_and_always_trained(name, factory, batch_fn, n_units):
-    model = factory()
-    names, source = HEADS[name]
+@each_case()
+def test_head_of_every_family_is_found_and_always_trained(case):
+    model = case.factory()
+    names, source = HEADS[case.name]
     assert detect_new_heads(model) == (names, source)
     freezer = LayerFreezer(model, freeze_rate=0.8)
     weight = names[0]
     assert weight not in freezer.names and weight in freezer.selection.always_trained
-    assert len(freezer.units) == n_units - 1  # the head's weight left the candidates
+    assert len(freezer.units) == case.units - 1  # the head's weight left the candidates
     assert weight in freezer.describe() and weight in freezer.summary()
     head = dict(model.named_parameters())[weight]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    batch = batch_fn(model)
+    batch = case.batch(model)
     for _ in range(4):  # trained (and moved) in every step, whatever is frozen
         freezer.apply(freezer.decide())
         before = head.detach().clone()
         opt.zero_grad(set_to_none=True)
-        loss_fn(name, model, batch).backward()
+        case.loss(model, batch).backward()
         freezer.before_optimizer_step(opt)
         opt.step()
         freezer.after_optimizer_step()
@@ -70,7 +70,7 @@ def test_pretrained_minilm_classifier_is_new_and_pooler_is_not():
 
 
 def test_opt_out_and_include_respect_the_user():
-    model = CASES[0][1]()
+    model = BERT.factory()
     off = LayerFreezer(model, freeze_rate=0.5, train_new_heads=False)
     assert "classifier.weight" in off.names and off.heads.names == []
     assert "train_new_heads=False" in off.describe()
@@ -79,12 +79,10 @@ def test_opt_out_and_include_respect_the_user():
 
 
 def test_wrapped_model_tied_lm_head_and_nothing_left():
-    from transformers import BertConfig, BertForMaskedLM
     wrapped = nn.Module()
-    wrapped.model = CASES[0][1]()
+    wrapped.model = BERT.factory()
     assert new_head_parameters(wrapped) == ["model.classifier.weight", "model.classifier.bias"]
-    lm = BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
-                                    num_attention_heads=2, intermediate_size=32))
+    lm = hf_bert(layers=1, hidden=16, vocab=64, positions=512, attn=None, head="masked-lm")
     # the LM head is tied to the word embeddings: training it every step would train the table
     assert "bert.embeddings.word_embeddings.weight" not in new_head_parameters(lm)
     with pytest.raises(SelectionError, match="every candidate.*train_new_heads=False"):

@@ -8,7 +8,7 @@ from torch import nn
 from slimfit.errors import SlimFitError
 from slimfit.ledger import SavedTensorTracker, measure_step
 
-from conftest import tiny_bert
+from models import hf_bert
 
 F32 = 4
 
@@ -96,7 +96,7 @@ def test_peak_is_live_bytes_not_sum_over_microbatches():
 
 
 def test_tracker_matches_independent_saved_tensor_count_on_bert():
-    m = tiny_bert()
+    m = hf_bert()
     x = torch.randint(0, 128, (4, 16))
     y = torch.randint(0, 2, (4,))
     excluded = {t.untyped_storage().data_ptr() for t in [*m.parameters(), *m.buffers()]}

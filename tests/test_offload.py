@@ -12,7 +12,7 @@ from slimfit.offload import ActivationOffloader
 from slimfit.session import SessionConfig, SlimFitSession
 
 from conftest import lit_module, make_optimizer, token_loader, trainer
-from models import hf_bert
+from models import hf_bert, text_batch
 
 
 def train(optimizer_name, offload, steps=8):
@@ -25,9 +25,8 @@ def train(optimizer_name, offload, steps=8):
     g = torch.Generator().manual_seed(0)
     reports = []
     for _ in range(steps):
-        x = torch.randint(0, 128, (4, 12), generator=g)
-        y = torch.randint(0, 2, (4,), generator=g)
-        reports.append(session.step(lambda: model(input_ids=x, labels=y).loss, measure=True))
+        batch = text_batch(model, generator=g)
+        reports.append(session.step(lambda: model(**batch).loss, measure=True))
     off = session.offloader
     session.stop()  # every offloaded state back with its parameter
     return model, opt, reports, off
@@ -91,11 +90,10 @@ def _grads_with(offloader_factory, compress=False):
     torch.manual_seed(0)
     model = hf_bert().eval()
     comp = ActivationCompressor(model).install() if compress else None
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randint(0, 128, (4, 12), generator=g), torch.randint(0, 2, (4,), generator=g)
+    batch = text_batch(model)
     off = offloader_factory(model)
     with off if off is not None else contextlib.nullcontext():
-        loss = model(input_ids=x, labels=y).loss
+        loss = model(**batch).loss
     loss.backward()
     if comp:
         comp.remove()

@@ -6,40 +6,26 @@ import torch
 from slimfit.planner import BudgetError, Candidate, parse_budget, plan_for_budget
 from slimfit.session import SlimFitSession
 
-
-def medium_bert():
-    from transformers import BertConfig, BertForSequenceClassification
-    torch.manual_seed(0)
-    return BertForSequenceClassification(BertConfig(
-        vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=256, max_position_embeddings=64, attn_implementation="eager")).eval()
+import models
 
 
-def medium_vit():
-    from transformers import ViTConfig, ViTForImageClassification
-    torch.manual_seed(0)
-    return ViTForImageClassification(ViTConfig(
-        image_size=32, patch_size=4, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=256, num_labels=10, attn_implementation="eager")).eval()
-
-
-def wide_bert():
-    """Weights dominate (4 wide blocks, tiny batch): the case for weight streaming."""
-    from transformers import BertConfig, BertForSequenceClassification
-    torch.manual_seed(0)
-    return BertForSequenceClassification(BertConfig(
-        vocab_size=64, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-        intermediate_size=1024, max_position_embeddings=16, attn_implementation="eager")).eval()
-
-
+# (id: model case), built from seed 0 in eval mode (no dropout)
 CASES = {
-    "bert": (medium_bert, lambda g: {"input_ids": torch.randint(0, 512, (16, 48), generator=g),
-                                     "labels": torch.randint(0, 2, (16,), generator=g)}),
-    "vit": (medium_vit, lambda g: {"pixel_values": torch.randn(16, 3, 32, 32, generator=g),
-                                   "labels": torch.randint(0, 10, (16,), generator=g)}),
-    "wide": (wide_bert, lambda g: {"input_ids": torch.randint(0, 64, (2, 8), generator=g),
-                                   "labels": torch.randint(0, 2, (2,), generator=g)}),
+    "bert": models.case("hf-bert", vocab=512, hidden=64, heads=4, intermediate=256,
+                        batch=dict(n=16, seq=48)),
+    "vit": models.case("hf-vit", patch=4, hidden=64, heads=4, intermediate=256, labels=10,
+                       batch=dict(n=16)),
+    # weights dominate (4 wide blocks, tiny batch): the case for weight streaming
+    "wide": models.case("hf-bert", layers=4, vocab=64, hidden=64, heads=4, intermediate=1024,
+                        positions=16, batch=dict(n=2, seq=8)),
 }
+
+
+def build(name):
+    """The model of case ``name`` and its first batch (generator seed 0)."""
+    case = CASES[name]
+    model = case.build().eval()
+    return model, case.batch(model)
 
 
 def adamw(params):
@@ -60,10 +46,7 @@ def run_plan(model, plan, batch_fn, steps):
 
 @pytest.mark.parametrize("name", ["bert", "vit", "wide"])
 def test_plans_respect_the_budget_on_the_ledger(name):
-    factory, batch_fn = CASES[name]
-    model = factory()
-    g = torch.Generator().manual_seed(0)
-    batch = batch_fn(g)
+    model, batch = build(name)
     loss = lambda: model(**batch).loss  # noqa: E731
     full = plan_for_budget(model, adamw, loss, 10**12, candidates=[Candidate(0.0)])
     seen = set()
@@ -76,11 +59,12 @@ def test_plans_respect_the_budget_on_the_ledger(name):
             continue
         seen.add(plan.candidate)
         assert plan.expected_total <= budget
-        model_copy = factory()
+        model_copy = build(name)[0]
         model_copy.load_state_dict(model.state_dict())
         # enough steps for every unit to be trained once (steady-state optimizer
         # state): 22 units (38 for "wide"), at r=0.95 two are trained per step
-        totals = run_plan(model_copy, plan, batch_fn, steps=20 if name == "wide" else 13)
+        totals = run_plan(model_copy, plan, lambda g: CASES[name].batch(model_copy, generator=g),
+                          steps=20 if name == "wide" else 13)
         assert max(totals) <= budget, (plan.describe(), max(totals), budget)
         if plan.stream:
             streamed_k.add(plan.stream[0])
@@ -90,9 +74,8 @@ def test_plans_respect_the_budget_on_the_ledger(name):
 
 
 def test_planner_restores_the_weights():
-    model = medium_bert()
+    model, batch = build("bert")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    batch = CASES["bert"][1](torch.Generator().manual_seed(0))
     plan_for_budget(model, adamw, lambda: model(**batch).loss, "10GiB")
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -100,8 +83,7 @@ def test_planner_restores_the_weights():
 
 
 def test_budget_below_any_plan_is_a_clear_error():
-    model = medium_bert()
-    batch = CASES["bert"][1](torch.Generator().manual_seed(0))
+    model, batch = build("bert")
     with pytest.raises(BudgetError, match="no SlimFit configuration fits a budget of 1.00 MiB: "
                                           "the smallest expected peak is"):
         plan_for_budget(model, adamw, lambda: model(**batch).loss, "1MiB")

@@ -7,14 +7,14 @@ from slimfit.errors import SelectionError
 from slimfit.selection import (compiled_modules, is_compiled, matches, preview, select_modules,
                                select_units, validate_pattern)
 
-from models import CASES, hf_bert
+from models import each_case, hf_bert
 
 
-@pytest.mark.parametrize("name,factory,_batch,expected", CASES, ids=[c[0] for c in CASES])
-def test_default_candidates_per_family(name, factory, _batch, expected):
-    model = factory()
+@each_case()
+def test_default_candidates_per_family(case):
+    model = case.factory()
     sel = select_units(model)
-    assert len(sel.units) == expected, sel.candidate_names
+    assert len(sel.units) == case.units, sel.candidate_names
     for u in sel.units:
         for pname, p in zip(u.param_names, u.params):
             assert not pname.endswith(".bias")
@@ -25,11 +25,10 @@ def test_default_candidates_per_family(name, factory, _batch, expected):
 
 
 def test_bert_base_has_102_candidates():
-    from transformers import BertConfig, BertForSequenceClassification
-    cfg = BertConfig(num_hidden_layers=12, hidden_size=64, num_attention_heads=4,
-                     intermediate_size=128, vocab_size=100)
+    model = hf_bert(layers=12, hidden=64, heads=4, intermediate=128, vocab=100, positions=512,
+                    attn=None)
     # 4 embedding tensors + 12 x 8 + pooler + classifier, as in the paper
-    assert len(select_units(BertForSequenceClassification(cfg)).units) == 102
+    assert len(select_units(model).units) == 102
 
 
 def test_matching_rules():

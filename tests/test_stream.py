@@ -4,7 +4,6 @@ the host masters are both host memory but every eviction really frees the
 weight's storage (0 bytes), so a schedule that computed with an evicted
 weight would crash or differ, not pass."""
 
-import functools
 import pathlib
 
 import pytest
@@ -22,43 +21,29 @@ from conftest import make_optimizer, no_dropout_lit
 import models
 
 
-def deep_bert(layers=5):
-    return models.hf_bert(layers)
+# deeper than the default: several blocks to stream
+BERT = models.case("hf-bert", layers=5)
+CASES = [BERT, *models.cases("hf-vit", "timm-vit", "hf-distilbert", layers=4)]
 
 
-deep_hf_vit = functools.partial(models.hf_vit, 4)
-deep_distilbert = functools.partial(models.hf_distilbert, 4)
-deep_timm_vit = functools.partial(models.timm_vit, 4)
-
-
-# (name, model factory, batch factory, loss name for models.loss_fn)
-CASES = [
-    ("hf-bert", deep_bert, models.text_batch, "hf-bert"),
-    ("hf-vit", deep_hf_vit, models.image_batch, "hf-vit"),
-    ("timm-vit", deep_timm_vit, models.image_batch, "timm-vit"),
-    ("hf-distilbert", deep_distilbert, models.text_batch, "hf-distilbert"),
-]
-
-
-def train(factory, batch_fn, loss_name, stream=None, compress=False, optimizer="adamw",
-          steps=6, rate=0.8, train_mode=True):
+def train(case, stream=None, compress=False, optimizer="adamw", steps=6, rate=0.8,
+          train_mode=True):
     """Train with SlimFit freezing; return losses, final state dict, streamer, reports.
     The session is left running (its streamer is inspected afterwards)."""
-    torch.manual_seed(0)
-    model = factory().train(train_mode)
+    model = case.build().train(train_mode)
     opt = make_optimizer(optimizer, model.parameters(), lr=1e-2)
     session = SlimFitSession(model, SessionConfig(
         freezing=SlimFitConfig(freeze_rate=rate, seed=0), stream=stream,
         compression=CompressionConfig() if compress else None)).start(opt)
     st = session.streamer
-    batch = batch_fn(model)
+    batch = case.batch(model)
     losses, reports, residency = [], [], []
     for i in range(steps):
         session.begin_step()
         torch.manual_seed(100 + i)  # same dropout masks in both runs
 
         def fb():
-            loss = models.loss_fn(loss_name, model, batch)
+            loss = case.loss(model, batch)
             loss.backward()
             losses.append(loss.item())
             if st:
@@ -77,11 +62,11 @@ def assert_same_state(a, b):
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.parametrize("name,factory,batch_fn,loss_name", CASES, ids=[c[0] for c in CASES])
+@models.each_case(CASES)
 @pytest.mark.parametrize("k,kp", [(1, 0), (2, 1)])
-def test_streamed_training_is_bit_identical(name, factory, batch_fn, loss_name, k, kp):
-    ref = train(factory, batch_fn, loss_name)
-    got = train(factory, batch_fn, loss_name, StreamConfig(resident=k, prefetch=kp))
+def test_streamed_training_is_bit_identical(case, k, kp):
+    ref = train(case)
+    got = train(case, StreamConfig(resident=k, prefetch=kp))
     assert got[0] == ref[0]  # losses, exactly
     assert_same_state(got[1], ref[1])
     st = got[2]
@@ -95,9 +80,8 @@ def test_streamed_training_is_bit_identical(name, factory, batch_fn, loss_name, 
 def test_bit_identical_with_other_optimizers_and_compression(optimizer):
     # AdamW8bit writes weights through raw pointers without bumping autograd's
     # version counter: the write-back must not depend on it
-    ref = train(deep_bert, models.text_batch, "hf-bert", compress=True, optimizer=optimizer)
-    got = train(deep_bert, models.text_batch, "hf-bert", StreamConfig(resident=2, prefetch=1),
-                compress=True, optimizer=optimizer)
+    ref = train(BERT, compress=True, optimizer=optimizer)
+    got = train(BERT, StreamConfig(resident=2, prefetch=1), compress=True, optimizer=optimizer)
     assert got[0] == ref[0]
     assert_same_state(got[1], ref[1])
 
@@ -107,7 +91,7 @@ def test_bit_identical_under_bf16_autocast_and_with_activations_on_the_host():
     ordinary saved tensors) and with save_on_cpu (weights are not copied by it)."""
     def run(stream):
         torch.manual_seed(0)
-        model = deep_bert(4).eval()
+        model = models.hf_bert(4).eval()
         opt = make_optimizer("adamw", model.parameters(), lr=1e-2)
         session = SlimFitSession(model, SessionConfig(
             freezing=SlimFitConfig(freeze_rate=0.8, seed=0),
@@ -130,9 +114,9 @@ def test_bit_identical_under_bf16_autocast_and_with_activations_on_the_host():
 
 
 def test_evicted_weights_hold_no_memory_and_the_ledger_counts_the_peak():
-    _, _, st, reports, _, model = train(deep_bert, models.text_batch, "hf-bert",
-                                        StreamConfig(resident=2, prefetch=1), train_mode=False)
-    ref = train(deep_bert, models.text_batch, "hf-bert", train_mode=False)[3]
+    _, _, st, reports, _, model = train(BERT, StreamConfig(resident=2, prefetch=1),
+                                        train_mode=False)
+    ref = train(BERT, train_mode=False)[3]
     evicted = [t for u in st.units for t in u.tensors if not t.resident]
     assert evicted and all(t.param.untyped_storage().nbytes() == 0 for t in evicted)
     assert all(not t.param.requires_grad for t in evicted)  # only frozen tensors leave
@@ -151,18 +135,17 @@ def test_evicted_weights_hold_no_memory_and_the_ledger_counts_the_peak():
 
 
 def test_prefetch_zero_fetches_on_demand():
-    st = train(deep_bert, models.text_batch, "hf-bert", StreamConfig(resident=1, prefetch=0))[2]
+    st = train(BERT, StreamConfig(resident=1, prefetch=0))[2]
     assert st.stats["on_demand"] > st.stats["hits"]
 
 
 def test_state_dict_and_load_round_trip_while_streaming():
-    _, ref_state, st, _, _, model = train(deep_bert, models.text_batch, "hf-bert",
-                                          StreamConfig(resident=1, prefetch=0))
+    _, ref_state, st, _, _, model = train(BERT, StreamConfig(resident=1, prefetch=0))
     sd = model.state_dict()
     assert_same_state(sd, ref_state)  # evicted weights come from their host masters
     torch.save(sd, "/dev/null")  # serialisable (masters are plain host tensors)
     # loading other weights into a streamed model: every later use sees them
-    other = deep_bert()
+    other = BERT.factory()
     other.eval()
     model.eval()
     model.load_state_dict(other.state_dict())
@@ -175,8 +158,7 @@ def test_state_dict_and_load_round_trip_while_streaming():
 
 
 def test_gathered_and_remove_restore_every_weight():
-    _, ref_state, st, _, _, model = train(deep_bert, models.text_batch, "hf-bert",
-                                          StreamConfig(resident=1, prefetch=0))
+    _, ref_state, st, _, _, model = train(BERT, StreamConfig(resident=1, prefetch=0))
     first = st.units[0].tensors[0].param
     with st.gathered():
         assert all(t.resident for u in st.units for t in u.tensors)
@@ -192,8 +174,8 @@ def test_gathered_and_remove_restore_every_weight():
 
 
 def test_default_units_are_the_transformer_blocks():
-    assert default_stream_units(deep_bert(3)) == [f"bert.encoder.layer.{i}" for i in range(3)]
-    assert default_stream_units(deep_timm_vit()) == [f"blocks.{i}" for i in range(4)]
+    assert default_stream_units(models.hf_bert(3)) == [f"bert.encoder.layer.{i}" for i in range(3)]
+    assert default_stream_units(models.timm_vit(4)) == [f"blocks.{i}" for i in range(4)]
 
 
 # -- the Lightning callback ----------------------------------------------------------------
@@ -265,7 +247,7 @@ def test_callback_refuses_streaming_under_ddp():
         sf = SlimFit(stream_weights=True)
     with pytest.raises(UnsupportedSetupError, match="weight streaming runs in one process; this "
                                                     "run has 2"):
-        sf.on_fit_start(types.SimpleNamespace(world_size=2), deep_bert(2))
+        sf.on_fit_start(types.SimpleNamespace(world_size=2), models.hf_bert())
 
 
 def _nullcontext():
@@ -296,12 +278,12 @@ def test_bad_stream_config(kw, match):
 
 def test_unit_pattern_matching_nothing_names_modules():
     with pytest.raises(SelectionError, match=r"units=\['decoder'\] matched no module.*bert"):
-        WeightStreamer(deep_bert(2), StreamConfig(units=["decoder"]))
+        WeightStreamer(models.hf_bert(), StreamConfig(units=["decoder"]))
 
 
 def test_nested_units_are_refused():
     with pytest.raises(SelectionError, match="stream units nest"):
-        WeightStreamer(deep_bert(2), StreamConfig(units=r"bert\.encoder\.layer\.0(\.attention)?"))
+        WeightStreamer(models.hf_bert(), StreamConfig(units=r"bert\.encoder\.layer\.0(\.attention)?"))
 
 
 def test_model_without_blocks_needs_explicit_units():
@@ -327,7 +309,7 @@ def test_shared_weights_stay_resident():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without CUDA")
 def test_pinned_memory_without_cuda_is_a_clear_error():
     with pytest.raises(SlimFitError, match="pin_memory=True needs CUDA"):
-        WeightStreamer(deep_bert(2), StreamConfig(pin_memory=True)).install()
+        WeightStreamer(models.hf_bert(), StreamConfig(pin_memory=True)).install()
 
 
 class _CrossUse(nn.Module):
@@ -364,7 +346,7 @@ def test_memory_mapped_weights_stream_and_are_never_quantized():
     callback's order): compression must still know them as weights."""
     def run(stream):
         torch.manual_seed(0)
-        model = deep_bert(4).eval()
+        model = models.hf_bert(4).eval()
         for p in model.bert.encoder.parameters():
             p.data = torch.from_numpy(p.detach().numpy().copy())  # not resizable
         opt = make_optimizer("adamw", model.parameters(), lr=1e-2)
@@ -388,18 +370,18 @@ def test_memory_mapped_weights_stream_and_are_never_quantized():
 
 def test_compiled_model_is_refused():
     with pytest.raises(SlimFitError, match="torch.compile runs all at once"):
-        WeightStreamer(torch.compile(deep_bert(2)))
+        WeightStreamer(torch.compile(models.hf_bert()))
 
 
 def test_model_with_a_compiled_submodule_is_refused():
     """A compiled block inside the model is refused like a compiled model, and
     the message names it; so is one compiled in place with ``Module.compile``."""
-    model = deep_bert(2)
+    model = models.hf_bert()
     model.bert.encoder.layer[0] = torch.compile(model.bert.encoder.layer[0])  # lazy
     with pytest.raises(SlimFitError, match=r"torch.compile'd submodule\(s\) "
                                            r"'bert\.encoder\.layer\.0': weight streaming"):
         WeightStreamer(model)
-    model = deep_bert(2)
+    model = models.hf_bert()
     model.bert.pooler.compile()
     with pytest.raises(SlimFitError, match=r"submodule\(s\) 'bert\.pooler': .*torch.compile runs"):
         WeightStreamer(model)
