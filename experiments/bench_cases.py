@@ -122,7 +122,8 @@ def build_case(name: str, batch_size: int, seq_len: int = 128, image_size: int =
                 mod.fused_attn = attn == "sdpa"
         desc = f"ViT-B/16 (timm vit_base_patch16_224, random init), {image_size} px"
     p = getattr(getattr(model, "config", None), "attention_probs_dropout_prob", 0.0)
-    desc += f", {attn} attention" + (f" (attention dropout {p:g})" if p else "")
+    shown = p or attention_dropout is not None  # the default 0 of ViT goes unsaid
+    desc += f", {attn} attention" + (f" (attention dropout {p:g})" if shown else "")
     model.to(device).train()
     case = Case(name, model, {}, desc + f", batch {batch_size}", seq_len, image_size, seed)
     case.rebatch(batch_size)
@@ -135,9 +136,10 @@ def make_optimizer(name: str, model: nn.Module, lr: float = 2e-5) -> torch.optim
     return build_optimizer(name, [p for p in model.parameters() if p.requires_grad], lr)
 
 
-#: Benchmark arms by name: what each runs, as the session config it builds
-#: ("+..." arms add to SlimFit + compression). Every benchmark and the GPU check
-#: take their arms from here.
+#: SlimFit's benchmark arms by name: what each runs, as the session config it
+#: builds ("+..." arms add to SlimFit + compression). Every benchmark and the GPU
+#: check take their SlimFit arms from here; the peers (LoRA, checkpointing, 8-bit
+#: Adam) and their combinations are :data:`slimfit.experiments.methods.METHODS`.
 ARMS = ("full", "slimfit", "slimfit+compress", "+offload", "+offload+act", "+stream",
         "+stream+act")
 
@@ -273,12 +275,9 @@ def measure_method(model_name: str, method: Method, batch_sizes: list[int], *,
     if method.lora is not None:
         notes.append(f"{label}: {sum(p.numel() for p in case.model.parameters() if p.requires_grad):,} "
                      f"trainable of {sum(p.numel() for p in case.model.parameters()):,} parameters")
-    comp = session.compressor
-    if comp is not None:
-        found = {k: len(v) for k, v in comp.targets.items() if v}
-        notes.append(f"{label}: compression on {found}; left alone: {len(comp.skipped)} fused "
-                     "attention module(s)" if comp.skipped else
-                     f"{label}: compression on {found}")
+    if session.compressor is not None:  # what compression found (and left alone), by kind
+        found = {k: len(v) for k, v in session.compressor.preview().items() if v}
+        notes.append(f"{label}: compression modules {found}")
     out: dict[int, Measured] = {}
     for bs in batch_sizes:
         case.rebatch(bs)

@@ -27,13 +27,19 @@ KINDS = ("attention", "gelu", "layernorm", "ffn_down_input", "linear_input", "dr
 _QUERY_NAMES = ("query", "q_proj", "q_lin", "q", "qkv", "Wqkv", "query_proj")
 
 
+def _is_linear(m: object) -> bool:
+    """An ``nn.Linear``, or an adapter wrapping one (PEFT's LoRA layers keep the
+    original as ``base_layer``)."""
+    return isinstance(m, nn.Linear) or isinstance(getattr(m, "base_layer", None), nn.Linear)
+
+
 def is_attention(mod: nn.Module) -> bool:
     """An attention core: a ``*Attention`` module owning its query (or fused
     qkv) projection directly (BertSelfAttention, ViTAttention,
     DistilBertSelfAttention, DeBERTa's DisentangledSelfAttention, timm
-    Attention; not BertAttention, its parent)."""
+    Attention; not BertAttention, its parent), LoRA-wrapped or not."""
     return type(mod).__name__.endswith("Attention") and any(
-        isinstance(getattr(mod, n, None), nn.Linear) for n in _QUERY_NAMES)
+        _is_linear(getattr(mod, n, None)) for n in _QUERY_NAMES)
 
 
 def attention_kernel(mod: nn.Module) -> str:
@@ -62,7 +68,9 @@ def is_gelu(mod: nn.Module) -> bool:
 def down_projections(model: nn.Module) -> set[int]:
     """Linears that are the down half of an up/down pair (3072 -> 768 when some
     Linear maps 768 -> 3072): the FFN output projections, found by shape."""
-    linears = [m for _, m in iter_modules(model) if isinstance(m, nn.Linear)]
+    # LoRA's low-rank factors (d -> r, r -> d) are not an FFN pair: PEFT names them lora_*
+    linears = [m for n, m in iter_modules(model)
+               if isinstance(m, nn.Linear) and ".lora_" not in f".{n}"]
     ups = {(m.in_features, m.out_features) for m in linears if m.out_features > m.in_features}
     return {id(m) for m in linears
             if m.in_features > m.out_features and (m.out_features, m.in_features) in ups}

@@ -53,8 +53,15 @@ class ScopedHooks:
         torch._C._autograd._pop_saved_tensors_default_hooks()
 
     def pack_outer(self, t: torch.Tensor) -> Any:
+        """Hand ``t`` to the hooks outside; the pair is recorded with what they
+        returned, because a scope can be re-entered under other outer hooks
+        before this backward runs (non-reentrant checkpointing recomputes the
+        forward inside its own hooks) and must unpack with the pair that packed."""
+        outer = self.outer
         # detach: a saved output must not hold its own grad_fn (reference cycle)
-        return self.outer[0](t) if self.outer else t.detach()
+        return (outer, outer[0](t)) if outer else (None, t.detach())
 
-    def unpack_outer(self, obj: Any) -> torch.Tensor:
-        return self.outer[1](obj) if self.outer else obj
+    @staticmethod
+    def unpack_outer(obj: Any) -> torch.Tensor:
+        outer, inner = obj
+        return outer[1](inner) if outer else inner
