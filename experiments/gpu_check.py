@@ -1,21 +1,33 @@
 """GPU check of the memory modes, in one go (a few minutes on one H100):
 ``torch.cuda.max_memory_allocated`` and step time for BERT-base (seq 128) and
-ViT-B/16 (224 px) at batch 32 and 128, for
+ViT-B/16 (224 px) at batch 32 and 128, under bf16 autocast by default, for
 
-* full fine-tuning (AdamW),
-* SlimFit r=0.9 + static-activation compression,
-* the same with bitsandbytes AdamW8bit,
+* full fine-tuning of the model as loaded (SDPA attention, AdamW): the baseline,
+* the peers a user would otherwise run (``slimfit.experiments.methods``):
+  AdamW8bit, gradient checkpointing, LoRA r=8, LoRA + checkpointing,
+  LoRA + compression,
+* SlimFit r=0.9 + static-activation compression (fused attention compressed),
+  also with AdamW8bit,
 * the same with optimizer-state offload of frozen units and activation offload,
 * the same plus Superpipeline-style weight streaming of frozen weights
   (k=2 blocks resident, k'=1 prefetched on a side stream; the prefetch hit
   rate and late copies are printed),
 * the budget planner at ``--budget-fraction`` of full fine-tuning's peak,
+* full fine-tuning with eager attention, a secondary row,
 
-with ratios against full fine-tuning, and the ledger total beside the
-allocator's peak.
+with ratios against the baseline, and the ledger total beside the
+allocator's peak. An arm whose package is missing (bitsandbytes, peft) is
+skipped with the reason printed.
 
     python -m slimfit.experiments.gpu_check            # needs CUDA
     python -m slimfit.experiments.gpu_check --models bert-base --batch-sizes 32
+
+On the lent device machine (its own torch/transformers/peft, no network; see
+shared/reference/gpu-device.md), one command installs the project without
+dependencies and runs everything, writing ``$OUT/gpu_check.md``::
+
+    python3 -m pip install -q --no-deps --no-build-isolation -e . && \
+        HF_HUB_OFFLINE=1 timeout 470 python3 -m slimfit.experiments.gpu_check
 
 Each arm: a fresh model, the SlimFit initial pass at batch 2 (every tensor
 gets optimizer state, as in a long run), one warm-up step at the measured
@@ -26,28 +38,48 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
 import time
 import traceback
 
 import torch
 
-from slimfit.experiments.bench_cases import arm_config, build_case, make_optimizer, start_session
+from slimfit.experiments.bench_cases import arm_config, build_case, make_optimizer
+from slimfit.experiments.methods import METHODS, Method
 from slimfit.report import format_bytes
 from slimfit.planner import BudgetError, optimizer_like, plan_for_budget
+from slimfit.session import SessionConfig, SlimFitSession
 
-#: this check's arms -> the shared benchmark arms they run (``planner``: the plan's config)
-ARM_CONFIG = {"full": "full", "slimfit": "slimfit+compress", "slimfit+8bit": "slimfit+compress",
-              "slimfit+offload": "+offload+act", "slimfit+stream": "+stream+act"}
-ARMS = (*ARM_CONFIG, "planner")
+#: this check's arms -> the method they run (``planner``: the plan's config;
+#: ``full-eager``: full fine-tuning with eager attention, the secondary row)
+ARM_METHOD = {
+    "full": Method(name="full"),
+    "full+8bit": METHODS["full_8bit"],
+    "checkpointing": METHODS["checkpointing"],
+    "lora": METHODS["lora"],
+    "lora+checkpointing": METHODS["lora_checkpointing"],
+    "lora+compress": METHODS["lora_compress"],
+    "slimfit": Method(name="slimfit", session=arm_config("slimfit+compress")),
+    "slimfit+8bit": Method(name="slimfit+8bit", optimizer="adamw8bit",
+                           session=arm_config("slimfit+compress")),
+    "slimfit+offload": Method(name="slimfit+offload", session=arm_config("+offload+act")),
+    "slimfit+stream": Method(name="slimfit+stream", session=arm_config("+stream+act")),
+    "full-eager": Method(name="full"),
+}
+ARMS = (*ARM_METHOD, "planner")
 
 
 DEVICE = "cuda"
 
 
-def cuda_batch(model_name: str, bs: int) -> dict:
-    """The case's fixed batch at ``bs`` (its throwaway model is built on the CPU)."""
-    return {k: v.to(DEVICE) for k, v in build_case(model_name, bs).batch.items()}
+def missing_package(method: Method) -> str | None:
+    """The package an arm needs that this machine lacks (the GPU image has no
+    bitsandbytes), or None."""
+    import importlib.util
+    needs = (["bitsandbytes"] if method.optimizer == "adamw8bit" else []) + \
+        (["peft"] if method.lora is not None else [])
+    return next((n for n in needs if importlib.util.find_spec(n) is None), None)
 
 
 def _sync():
@@ -56,22 +88,29 @@ def _sync():
 
 
 def run_arm(args, model_name, bs, arm, full_peak):
-    case = build_case(model_name, 2, device=DEVICE)
-    opt = make_optimizer("adamw8bit" if arm == "slimfit+8bit" else "adamw", case.model)
+    method = ARM_METHOD.get(arm, Method(name=arm))
+    case = build_case(model_name, 2, device=DEVICE, attn="eager" if arm == "full-eager" else "sdpa")
+    case.model = method.apply(case.model)
+    opt = make_optimizer(method.optimizer, case.model)
     plan_txt = ""
+
+    def loss():  # bf16 autocast by default: how a GPU user fine-tunes
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            return case.loss()
+
     if arm == "planner":
-        small = case.batch
-        case.batch = cuda_batch(model_name, bs)
+        case.rebatch(bs)
         budget = int(full_peak * args.budget_fraction)
-        plan = plan_for_budget(case.model, optimizer_like(opt), case.loss, budget)
+        plan = plan_for_budget(case.model, optimizer_like(opt), loss, budget)
         plan_txt = plan.describe()
         config = plan.config
-        case.batch = small
+        case.rebatch(2)
     else:
-        config = arm_config(ARM_CONFIG[arm])
-    session = start_session(case, opt, config)  # every tensor trained once, at batch 2
-    case.batch = cuda_batch(model_name, bs)
-    session.step(case.loss)  # warm-up at this shape
+        config = method.session or SessionConfig()
+    session = SlimFitSession(case.model, config).start(opt)
+    session.run_initial_pass(loss)  # every tensor trained once, at batch 2
+    case.rebatch(bs)
+    session.step(loss)  # warm-up at this shape
     _sync()
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -80,7 +119,7 @@ def run_arm(args, model_name, bs, arm, full_peak):
         streamer.stats = dict.fromkeys(streamer.stats, 0)  # count the timed steps only
     t0 = time.perf_counter()
     for _ in range(args.steps):
-        session.step(case.loss)
+        session.step(loss)
     _sync()
     dt = (time.perf_counter() - t0) / args.steps
     if streamer is not None:
@@ -89,11 +128,30 @@ def run_arm(args, model_name, bs, arm, full_peak):
             f"streaming: {st['hits']} prefetched uses, {st['late']} of them still copying, "
             f"{st['on_demand']} on demand; {format_bytes(st['bytes_in'] / args.steps)} in and "
             f"{format_bytes(st['bytes_out'] / args.steps)} written back per step")
-    rep = session.step(case.loss, measure=True)
+    rep = session.step(loss, measure=True)
     # --device cpu (a smoke test of this script): the ledger stands in for the allocator
     peak = torch.cuda.max_memory_allocated() if DEVICE == "cuda" else rep.total
     session.stop()
     return peak, dt, rep, plan_txt  # the arm's model and state are freed by the caller
+
+
+class _Tee:
+    """Write to the console and to a file (the device machine returns files)."""
+
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text):
+        for st in self.streams:
+            st.write(text)
+            st.flush()
+
+    def flush(self):
+        for st in self.streams:
+            st.flush()
+
+    def isatty(self) -> bool:  # libraries ask before colouring output
+        return False
 
 
 def _release_memory() -> None:
@@ -109,9 +167,18 @@ def main(argv=None):
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128])
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--budget-fraction", type=float, default=1 / 6)
+    ap.add_argument("--out", default=os.environ.get("OUT"),
+                    help="folder for a copy of everything printed (gpu_check.md); default $OUT")
+    ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"],
+                    help="bf16: every arm's forward under bf16 autocast (bf16-mixed)")
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS),
+                    help="'full' is the baseline (ratios and the planner's budget need it)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                     help="cpu: a smoke test of the script, ledger figures only")
     args = ap.parse_args(argv)
+    if args.out:  # the device machine returns only what is written under $OUT
+        os.makedirs(args.out, exist_ok=True)
+        sys.stdout = _Tee(sys.stdout, open(os.path.join(args.out, "gpu_check.md"), "w"))
     global DEVICE
     DEVICE = args.device
     if DEVICE == "cuda" and not torch.cuda.is_available():
@@ -123,10 +190,15 @@ def main(argv=None):
     for model_name in args.models:
         for bs in args.batch_sizes:
             rows = {}
-            for arm in ARMS:
+            for arm in args.arms:
                 if arm == "planner" and rows.get("full") is None:
                     continue  # the budget is a fraction of full fine-tuning's peak
                 full_peak = rows["full"][0] if rows.get("full") else None
+                missing = missing_package(ARM_METHOD.get(arm, Method(name=arm)))
+                if missing:
+                    print(f"  {model_name} b{bs} {arm}: skipped, {missing} is not installed here")
+                    rows[arm] = None
+                    continue
                 try:
                     rows[arm] = run_arm(args, model_name, bs, arm, full_peak)
                 except torch.OutOfMemoryError:

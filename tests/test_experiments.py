@@ -40,3 +40,16 @@ def test_compression_benchmark_smoke(tmp_path):
     out = run(["-m", "slimfit.experiments.bench_compression", "--model", "minilm", "--batch-sizes",
                "2", "4", "--seq-len", "16", "--timed-steps", "1", "--extrapolate", "8"], tmp_path)
     assert "| 4 | slimfit+compress |" in out and "Extrapolation to batch 8" in out
+
+
+def test_gpu_check_smoke_on_cpu(tmp_path):
+    """The GPU check's code path (methods, sessions, the $OUT copy) runs with the
+    ledger standing in for the allocator; the device machine runs the same code."""
+    env_out = tmp_path / "out"
+    out = subprocess.run([sys.executable, "-m", "slimfit.experiments.gpu_check", "--device", "cpu",
+                          "--models", "minilm", "--batch-sizes", "2", "--steps", "1",
+                          "--arms", "full", "lora", "slimfit", "--out", str(env_out)],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    table = (env_out / "gpu_check.md").read_text()
+    assert "| full |" in table and "| lora |" in table and "| slimfit |" in table
