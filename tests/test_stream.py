@@ -340,13 +340,26 @@ def test_a_block_using_another_blocks_weight_is_refused():
         m(torch.randn(2, 4, requires_grad=True))
 
 
-def test_memory_mapped_weights_stream_and_are_never_quantized():
+def test_memory_mapped_weights_stream_and_are_never_quantized(monkeypatch):
     """Weights loaded from a file (non-resizable storage, here from numpy) get their
     own storage when streaming starts, after compression was installed (the
     callback's order): compression must still know them as weights."""
+    import slimfit.compress as compress
+    from slimfit.storage import storage_identity
+    quantized, current = [], []
+
+    def spy(x, *args, **kwargs):  # every tensor compression quantizes: is it a weight's?
+        weights = {storage_identity(p) for p in current[0].parameters()}
+        quantized.append(storage_identity(x) in weights)
+        return real(x, *args, **kwargs)
+
+    real = compress.quantize
+    monkeypatch.setattr(compress, "quantize", spy)
+
     def run(stream):
         torch.manual_seed(0)
         model = models.hf_bert(4).eval()
+        current[:] = [model]
         for p in model.bert.encoder.parameters():
             p.data = torch.from_numpy(p.detach().numpy().copy())  # not resizable
         opt = make_optimizer("adamw", model.parameters(), lr=1e-2)
@@ -356,16 +369,31 @@ def test_memory_mapped_weights_stream_and_are_never_quantized():
             stream=StreamConfig(resident=1) if stream else None)).start(opt)
         st = session.streamer
         batch = models.text_batch(model)
+        losses = []
+
+        def loss_fn():
+            loss = model(**batch).loss
+            losses.append(loss.item())
+            return loss
+
         for _ in range(3):
-            session.step(lambda: model(**batch).loss)
+            session.step(loss_fn)
         state = {k: v.clone() for k, v in model.state_dict().items()}
         session.stop()
-        return state, st
+        return state, st, losses
 
-    ref, _ = run(False)
-    got, st = run(True)
+    ref, _, ref_losses = run(False)
+    quantized.clear()
+    got, st, losses = run(True)
     assert st.stats["bytes_in"] > 0
-    assert_same_state(got, ref)
+    # the property itself: compression quantized activations, never a weight's storage
+    assert quantized and not any(quantized)
+    # Same training, up to rounding: the reference and the streamed run compute
+    # with weights in differently allocated memory, where a GEMM may round a last
+    # bit differently (seen ~1 in 8 processes, before and after the session
+    # refactor), which AdamW's normalised step lifts to lr-sized changes of
+    # near-zero-gradient weights. A quantized weight would move the loss by ~1e-2.
+    torch.testing.assert_close(losses, ref_losses, rtol=1e-4, atol=0)
 
 
 def test_compiled_model_is_refused():
