@@ -176,7 +176,6 @@ class SlimFitSession:
         self.streamer: WeightStreamer | None = None
         self._act: ActivationOffloader | None = None  # built once: one side stream
         self._act_open = False
-        self._frozen: list[int] | None = None
         self._finite: torch.Tensor | None = None  # all losses of the step finite (no sync)
 
     # -- life cycle ------------------------------------------------------------------
@@ -225,7 +224,7 @@ class SlimFitSession:
             self.freezer.restore()
         if self.compressor is not None:
             self.compressor.remove()
-        self._frozen = self._finite = None
+        self._finite = None
         self.optimizer = None
 
     # -- one optimizer step --------------------------------------------------------------
@@ -248,7 +247,7 @@ class SlimFitSession:
         if self._act is not None and not self._act_open:
             self._act.__enter__()
             self._act_open = True
-        self._frozen, self._finite = frozen, None
+        self._finite = None
         return frozen
 
     def record_loss(self, loss: torch.Tensor) -> None:
@@ -275,7 +274,7 @@ class SlimFitSession:
         if self.streamer is not None:  # overlap achieved, traffic so far
             stats |= {f"stream_{k}": float(v) for k, v in self.streamer.stats.items()}
             stats["stream_prefetch_hit_rate"] = self.streamer.overlap()
-        self._frozen = self._finite = None
+        self._finite = None
         return stats
 
     def _close_activation_offload(self) -> None:

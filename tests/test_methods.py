@@ -91,17 +91,31 @@ def test_checkpointing_gives_the_same_gradients(name):
     torch.testing.assert_close(_grads(model, name, batch), exact)
 
 
-def test_slimfit_freezing_composes_with_checkpointing():
+def _slimfit_grads_with_checkpointing(compression, attn=None):
+    """Gradients of one SlimFit step (half the units frozen), without and with
+    checkpointing."""
     grads = []
     for ckpt in (False, True):
-        model, batch = _case("hf-bert")
-        session = SlimFitSession(model, SessionConfig(freezing=SlimFitConfig(freeze_rate=0.5)))
+        if compression:  # no dropout: the compressed passes must see the same function
+            torch.manual_seed(0)
+            model = models.hf_bert(attn=attn, dropout=0.0)
+            batch = models.text_batch(model)
+        else:
+            model, batch = _case("hf-bert")
+        session = SlimFitSession(model, SessionConfig(
+            freezing=SlimFitConfig(freeze_rate=0.5),
+            compression=CompressionConfig() if compression else None))
         session.start(torch.optim.AdamW(model.parameters(), lr=1e-3))
         if ckpt:
             set_checkpointing(model, True)
         session.begin_step(frozen=list(range(0, len(session.units), 2))[:session.freezer.num_frozen])
         grads.append(_grads(model, "hf-bert", batch))
         session.stop()
+    return grads, model
+
+
+def test_slimfit_freezing_composes_with_checkpointing():
+    grads, model = _slimfit_grads_with_checkpointing(compression=False)
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) < sum(1 for _ in model.parameters())
     torch.testing.assert_close(grads[1], grads[0])
 
@@ -111,19 +125,7 @@ def test_compression_composes_with_checkpointing(attn):
     """Checkpoint's recomputation re-enters each compression scope under its own
     hooks; the tensors of the original forward must still unpack with theirs
     (this crashed with '_Holder' object has no attribute 'shape')."""
-    grads = []
-    for ckpt in (False, True):
-        torch.manual_seed(0)
-        model = models.hf_bert(attn=attn, dropout=0.0)
-        batch = models.text_batch(model)
-        session = SlimFitSession(model, SessionConfig(
-            freezing=SlimFitConfig(freeze_rate=0.5), compression=CompressionConfig()))
-        session.start(torch.optim.AdamW(model.parameters(), lr=1e-3))
-        if ckpt:
-            set_checkpointing(model, True)
-        session.begin_step(frozen=list(range(0, len(session.units), 2))[:session.freezer.num_frozen])
-        grads.append(_grads(model, "hf-bert", batch))
-        session.stop()
+    grads, _ = _slimfit_grads_with_checkpointing(compression=True, attn=attn)
     torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
 
 
