@@ -186,6 +186,11 @@ def test_deberta_disentangled_attention_is_compressed():
 # ----------------------------------------------------------------------------
 
 
+def _installed(comp):
+    """``comp`` as a context manager, or nothing to install."""
+    return comp if comp is not None else contextlib.nullcontext()
+
+
 def saved_shapes(model, batch, comp=None):
     """Shapes of every tensor handed to the hooks outside SlimFit's scopes."""
     shapes = []
@@ -194,12 +199,8 @@ def saved_shapes(model, batch, comp=None):
         shapes.append((tuple(t.shape), t.numel()))
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        if comp is not None:
-            with comp:
-                loss = loss_of("hf", model, batch)
-        else:
-            loss = loss_of("hf", model, batch)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _installed(comp):
+        loss = loss_of("hf", model, batch)
     loss.backward()
     return shapes
 
@@ -238,10 +239,7 @@ def test_saved_bytes_of_bert_sdpa_shrink():
 
     def peak(comp):
         with SavedTensorTracker(model) as tr:
-            if comp is not None:
-                with comp:
-                    loss = loss_of("hf", model, batch)
-            else:
+            with _installed(comp):
                 loss = loss_of("hf", model, batch)
             loss.backward()
         return tr.peak
