@@ -45,6 +45,7 @@ ARMS: dict[str, list[str]] = {
     "slimfit": ["slimfit=r090_compress"],
     # ablations, each one change from "slimfit"
     "slimfit-head-candidate": ["slimfit=r090_compress", "+slimfit.train_new_heads=false"],
+    "slimfit-nocompress": ["slimfit=r090"],
     "slimfit-update_norm": ["slimfit=r090_compress", "+slimfit.score=update_norm"],
     "slimfit-grad_norm": ["slimfit=r090_compress", "+slimfit.score=grad_norm"],
     "slimfit-decay0.99": ["slimfit=r090_compress", "+slimfit.frozen_score_decay=0.99"],
@@ -64,7 +65,7 @@ for _name, _budget in (("0.2ep", ["trainer.max_epochs=-1", "trainer.max_steps=53
     ARMS[f"full-{_name}"] = ["slimfit=full", *_budget]
     ARMS[f"slimfit-{_name}"] = ["slimfit=r090_compress", *_budget]
 
-ABLATIONS = ("slimfit-head-candidate", "slimfit-update_norm", "slimfit-grad_norm",
+ABLATIONS = ("slimfit-head-candidate", "slimfit-nocompress", "slimfit-update_norm", "slimfit-grad_norm",
              "slimfit-decay0.99", "slimfit-age20", "slimfit-sample", "slimfit-reserve0.25",
              "slimfit-nowarmup", "full-nowarmup")
 
@@ -152,6 +153,8 @@ def report() -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--groups", nargs="+", default=["core"], choices=list(GROUPS))
+    ap.add_argument("--only", nargs="+", metavar="RUN_ID",
+                    help="run these run ids (task/arm/seedN) in this order instead of --groups")
     ap.add_argument("--list", action="store_true", help="print the pending runs and exit")
     ap.add_argument("--report", action="store_true", help="print the paired-gap table and exit")
     args = ap.parse_args(argv)
@@ -159,7 +162,18 @@ def main(argv=None) -> None:
         print(report())
         return
     done = _done()
-    pending = [r for r in _runs(args.groups) if r[0] not in done]
+    queue = _runs(list(GROUPS)) if args.only else _runs(args.groups)
+    if args.only:
+        known = {r[0]: r for r in _runs(list(GROUPS))}
+        for run_id in args.only:
+            task, arm, seed = (run_id.split("/") + ["", "", ""])[:3]
+            seed = seed.removeprefix("seed")
+            if task not in TASKS or arm not in ARMS or not seed.isdigit():
+                raise SystemExit(f"--only: unknown run id {run_id!r}; expected task/arm/seedN with "
+                                 f"task in {sorted(TASKS)} and arm in {sorted(ARMS)}")
+            known.setdefault(run_id, (run_id, task, arm, int(seed), ARMS[arm]))
+        queue = [known[r] for r in args.only]
+    pending = [r for r in queue if r[0] not in done]
     for run_id, *_ in pending if args.list else ():
         print(run_id)
     if args.list:
