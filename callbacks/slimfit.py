@@ -20,7 +20,7 @@ from slimfit.callbacks.checks import (check_fit_start, check_single_process, che
 from slimfit.compress import CompressionConfig
 from slimfit.config import SlimFitConfig
 from slimfit.errors import SlimFitError
-from slimfit.planner import Plan, default_candidates, optimizer_like, parse_budget, plan_for_budget
+from slimfit.planner import Plan, optimizer_like, parse_budget, plan_for_budget
 from slimfit.session import SessionConfig, SlimFitSession
 from slimfit.stream import StreamConfig
 
@@ -105,7 +105,7 @@ class SlimFit(pl.Callback):
         plan = plan_for_budget(pl_module, optimizer_like(opt),
                                lambda: loss_of(pl_module.training_step(batch, batch_idx)),
                                self.memory_budget, base=self.session_config,
-                               candidates=default_candidates(stream=trainer.world_size == 1))
+                               stream=trainer.world_size == 1)
         self.plan = trainer.strategy.broadcast(plan, src=0) if trainer.world_size > 1 else plan
         rank_zero_info(self.plan.describe())
         resumed = self.session.state_dict() if len(self.session.freezer.history) else None

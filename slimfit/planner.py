@@ -1,5 +1,5 @@
 """Fit a memory budget: measure calibration steps with the ledger and pick the
-least aggressive SlimFit configuration whose steady-state peak fits.
+configuration with the smallest accuracy price whose steady-state peak fits.
 
 Why measure and not estimate: activation memory depends on the architecture,
 the attention implementation, which layers are frozen and how well each kind
@@ -8,15 +8,24 @@ any device. The one figure a single step cannot show, the steady-state
 optimizer state (every unit gets its state the first time it is trained), is
 extrapolated from the measured bytes of state per byte of trained parameters.
 
-Candidates are tried from the least to the most aggressive: full
-fine-tuning; freezing at r = 0.8, 0.9, 0.95; then offloading the optimizer
-state of frozen units (exact, overlapped on CUDA); then compressing static
-activations (approximate, ~0.99 gradient cosine); then streaming the
-weights of frozen tensors (exact; ``slimfit.stream``), with k, the number of
-blocks resident, chosen as the largest that fits (fewer transfers) and k' =
-min(2, k - 1) prefetched; then, on CUDA, also moving saved activations to
-host memory (the slowest). The first that fits is the plan: the least
-accuracy risk and slowdown for the memory.
+Why accuracy first: freezing is the lossy step (the fidelity study prices it,
+``slimfit.accuracy_price``); optimizer-state offload, weight streaming and
+activation offload are exact and cost only time. So the search is:
+
+1. full fine-tuning, if it fits;
+2. for freezing without and with compression, the lowest freezing rate that
+   fits with every exact technique on (a bisection over the number of frozen
+   units, so any rate up to ``max_freeze_rate``, not only 0.8/0.9/0.95);
+3. the one with the smaller expected accuracy price (ties: no compression);
+4. at that rate, the fastest set of exact techniques that still fits, in the
+   order optimizer-state offload, + weight streaming (k blocks resident, the
+   largest k that fits, k' = min(2, k - 1) prefetched), + activation offload
+   (CUDA only).
+
+``candidates=[...]`` instead tries a fixed list in the order given (the
+first that fits), for users who want to decide the order themselves.
+Plans for a larger batch than the calibration batch scale the measured
+activations (``activation_scale``): they are linear in the batch size.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from slimfit.accuracy_price import expected_price
 from slimfit.compress import CompressionConfig
 from slimfit.config import SlimFitConfig
 from slimfit.errors import SlimFitError
@@ -86,7 +96,7 @@ class Candidate:
     stream_weights: bool = False
 
     def label(self) -> str:
-        parts = ["full fine-tuning" if self.freeze_rate == 0 else f"SlimFit r={self.freeze_rate:g}"]
+        parts = ["full fine-tuning" if self.freeze_rate == 0 else f"SlimFit r={self.freeze_rate:.3g}"]
         parts += [n for n, on in (("optimizer-state offload", self.offload_optimizer_state),
                                   ("compression", self.compression),
                                   ("weight streaming", self.stream_weights),
@@ -110,8 +120,9 @@ class Candidate:
 
 
 def default_candidates(cuda: bool | None = None, stream: bool = True) -> list[Candidate]:
-    """Least to most aggressive (activation offload only where there is a GPU;
-    weight streaming only when ``stream``: it needs a single process)."""
+    """A fixed ladder from least to most aggressive, for ``candidates=``
+    (activation offload only where there is a GPU; weight streaming only when
+    ``stream``: it needs a single process). The default search does not use it."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
     out = [Candidate(0.0), Candidate(0.8), Candidate(0.9), Candidate(0.95),
            Candidate(0.9, offload_optimizer_state=True), Candidate(0.95, offload_optimizer_state=True),
@@ -133,6 +144,8 @@ class Plan:
     budget: int
     expected: dict[str, int]
     tried: tuple[tuple[str, int], ...]
+    #: expected accuracy price in points (negative: below full fine-tuning) and its source
+    price: tuple[float, str] = (0.0, "exact")
 
     @property
     def stream(self) -> tuple[int, int] | None:
@@ -146,7 +159,9 @@ class Plan:
 
     def describe(self) -> str:
         c, e = self.candidate, self.expected
+        gap, source = self.price
         lines = [f"SlimFit memory plan for a budget of {format_bytes(self.budget)}: {c.label()}",
+                 f"  expected accuracy price {gap:+.2f} points vs full fine-tuning ({source})",
                  f"  expected peak {format_bytes(e['total'])} = parameters {format_bytes(e['parameters'])}"
                  f" + gradients {format_bytes(e['gradients'])} + optimizer state "
                  f"{format_bytes(e['optimizer_state'])} + activations {format_bytes(e['activations'])}"]
@@ -207,12 +222,13 @@ def _worst_dynamic(inputs: Sequence, frozen: Sequence[int], n_train: int) -> int
 
 def _expected(rep: MemoryReport, opt: torch.optim.Optimizer, freezer: LayerFreezer | None,
               cand: Candidate, margin: float, streamer: WeightStreamer | None = None,
-              k: int | None = None, extra_activations: int = 0) -> dict[str, int]:
+              k: int | None = None, extra_activations: int = 0,
+              scale: float = 1.0) -> dict[str, int]:
     """Steady state from one calibration step, as upper bounds: gradients (and,
     with offload, resident optimizer state) for the largest set of units a step
     may train; optimizer state for every tensor once each has been trained;
     activations as measured, plus what the worst trained set may add
-    (``extra_activations``), plus ``margin``; with weight streaming, the
+    (``extra_activations``), times ``scale`` (a larger batch), plus ``margin``; with weight streaming, the
     weights outside the streamed blocks, plus the k largest blocks whole, plus
     the largest trainable set (it stays resident)."""
     nbytes = lambda ps: sum(p.numel() * p.element_size() for p in ps)  # noqa: E731
@@ -229,7 +245,7 @@ def _expected(rep: MemoryReport, opt: torch.optim.Optimizer, freezer: LayerFreez
     resident = trainable if cand.offload_optimizer_state else all_bytes
     grads = trainable  # gradients have their parameters' size
     acts = 0 if cand.offload_activations else \
-        int((rep.activations + extra_activations) * (1 + margin))
+        int((rep.activations + extra_activations) * scale * (1 + margin))
     opt_bytes = int(per_byte * resident)
     params, host_params = rep.parameters, 0
     if streamer is not None:
@@ -261,8 +277,11 @@ def _has_stream_units(model: nn.Module, stream: StreamConfig | None) -> bool:
 def plan_for_budget(model: nn.Module, make_optimizer: Callable[[list], torch.optim.Optimizer],
                     loss_fn: Callable[[], torch.Tensor], budget: str | int,
                     candidates: Sequence[Candidate] | None = None,
-                    base: SessionConfig | None = None, activation_margin: float = 0.1) -> Plan:
-    """Measure calibration steps and return the first candidate that fits.
+                    base: SessionConfig | None = None, activation_margin: float = 0.1, *,
+                    activation_scale: float = 1.0, max_freeze_rate: float = 0.95,
+                    stream: bool = True, cuda: bool | None = None) -> Plan:
+    """Measure calibration steps and return the plan with the smallest expected
+    accuracy price that fits (the search is in the module docstring).
 
     The model's weights are restored after each calibration step (a host
     copy is kept meanwhile) and every calibration optimizer is discarded, so
@@ -273,39 +292,65 @@ def plan_for_budget(model: nn.Module, make_optimizer: Callable[[list], torch.opt
         make_optimizer: builds the optimizer used in training from a parameter list.
         loss_fn: zero-argument forward pass returning the loss of one batch.
         budget: bytes or a size string (``"12GiB"``).
-        candidates: configurations to try, least aggressive first. Weight
-            streaming is dropped for a model with no repeated blocks (and no
-            ``base.stream.units``): every budget then gives a plan or a
-            :class:`BudgetError`.
+        candidates: a fixed list to try in the order given instead of the
+            search (the first that fits). Weight streaming is dropped for a
+            model with no repeated blocks (and no ``base.stream.units``).
         base: the user's options (freezing selection and scores, compression
             settings, stream units); each candidate switches techniques on or
             off in a copy of it, nothing else.
         activation_margin: headroom on measured activations (the trained set,
             hence the dynamic activations, changes from step to step).
+        activation_scale: multiply measured activations by this, e.g. 32 to
+            plan for batch 128 from a batch-4 calibration step (activations are
+            linear in the batch; parameters and optimizer state are not).
+        max_freeze_rate: the search never freezes more than this.
+        stream: weight streaming may be used (it needs a single process).
+        cuda: activation offload may be used (default: CUDA is available).
 
     Raises:
-        BudgetError: malformed budget, or no candidate fits (the message
-            gives the smallest reachable peak).
+        BudgetError: malformed budget or options, or nothing fits (the
+            message gives the smallest reachable peak).
     """
     budget_b = parse_budget(budget)
+    if not (isinstance(activation_scale, (int, float)) and 0 < activation_scale < float("inf")):
+        raise BudgetError(f"activation_scale must be a positive number (the planned batch over "
+                          f"the calibration batch), got {activation_scale!r}.")
+    if not (isinstance(max_freeze_rate, (int, float)) and 0 <= max_freeze_rate < 1):
+        raise BudgetError(f"max_freeze_rate must be in [0, 1), got {max_freeze_rate!r}.")
     base = base if base is not None else SessionConfig(freezing=SlimFitConfig())
-    candidates = list(candidates or default_candidates())
-    if not _has_stream_units(model, base.stream):
-        candidates = [c for c in candidates if not c.stream_weights]
+    stream = stream and _has_stream_units(model, base.stream)
+    cuda = torch.cuda.is_available() if cuda is None else cuda
     saved = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     tried: list[tuple[str, int]] = []
+
+    def evaluate(cand: Candidate) -> tuple[int | None, dict] | None:
+        """(k, expected) of ``cand`` if it fits, else None; recorded in ``tried``."""
+        by_k = _calibrate(model, make_optimizer, loss_fn, cand, base, activation_margin,
+                          activation_scale)
+        model.load_state_dict(saved)
+        fits = [k for k, e in by_k.items() if e["total"] <= budget_b]
+        k = max(fits) if fits else min(by_k)  # more blocks resident: fewer transfers
+        tried.append((cand.label() + (f" (k={k})" if cand.stream_weights else ""),
+                      by_k[k]["total"]))
+        return (k, by_k[k]) if fits else None
+
+    def plan(cand: Candidate, found: tuple[int | None, dict]) -> Plan:
+        k, expected = found
+        return Plan(cand, cand.session_config(base, resident=k or 2), budget_b, expected,
+                    tuple(tried), expected_price(cand.freeze_rate, cand.compression))
+
     try:
-        for cand in candidates:
-            by_k = _calibrate(model, make_optimizer, loss_fn, cand, base, activation_margin)
-            model.load_state_dict(saved)
-            fits = [k for k, e in by_k.items() if e["total"] <= budget_b]
-            k = max(fits) if fits else min(by_k)  # more blocks resident: fewer transfers
-            expected = by_k[k]
-            label = cand.label() + (f" (k={k})" if cand.stream_weights else "")
-            tried.append((label, expected["total"]))
-            if fits:
-                return Plan(cand, cand.session_config(base, resident=k or 2), budget_b, expected,
-                            tuple(tried))
+        if candidates is not None:
+            for cand in candidates:
+                if cand.stream_weights and not stream:
+                    continue
+                found = evaluate(cand)
+                if found is not None:
+                    return plan(cand, found)
+        else:
+            found = _search(evaluate, plan, model, base, max_freeze_rate, stream, cuda)
+            if found is not None:
+                return found
     finally:
         model.load_state_dict(saved)
         model.zero_grad(set_to_none=True)
@@ -316,8 +361,61 @@ def plan_for_budget(model: nn.Module, make_optimizer: Callable[[list], torch.opt
         "batch size or sequence length, or use a smaller model.")
 
 
+def _search(evaluate, plan, model, base: SessionConfig, max_rate: float, stream: bool,
+            cuda: bool) -> Plan | None:
+    """The accuracy-first search of the module docstring; None if nothing fits."""
+    full = Candidate(0.0)
+    found = evaluate(full)
+    if found is not None:
+        return plan(full, found)
+    if base.freezing is None:  # freezing switched off by the user: nothing else to try
+        return None
+    n_units = len(SlimFitSession(model, dataclasses.replace(
+        base, compression=None, offload_optimizer_state=False, offload_activations=False,
+        stream=None)).units)
+    k_max = int(max_rate * n_units)  # frozen units at the highest rate allowed
+    # exact techniques, fastest first; the last is the most capable. The first
+    # two act on frozen units only (nothing to offload or stream at rate 0)
+    ladders = [{}, dict(offload_optimizer_state=True)]
+    if stream:
+        ladders.append(dict(ladders[-1], stream_weights=True))
+    if cuda:
+        ladders.append(dict(ladders[-1], offload_activations=True))
+
+    def rate(k: int) -> float:  # floor(rate * n_units) == k: (k / n) * n may round below k
+        return (k + 1e-6) / n_units if k else 0.0
+
+    best: tuple[float, int, bool] | None = None  # (price, frozen units, compression)
+    for compression in (False, True):
+        # bisection for the fewest frozen units that fit with every exact technique on
+        top = Candidate(rate(k_max), compression=compression, **ladders[-1])
+        if evaluate(top) is None:
+            continue
+        lo, hi = -1, k_max  # lo: known not to fit (or below range), hi: fits
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if evaluate(Candidate(rate(mid), compression=compression, **ladders[-1])) is None:
+                lo = mid
+            else:
+                hi = mid
+        price = -expected_price(rate(hi), compression)[0]
+        if best is None or price < best[0] - 1e-9:
+            best = (price, hi, compression)
+    if best is None:
+        return None
+    _, k, compression = best
+    for ladder in ladders:  # the fastest exact techniques that fit at that rate
+        if k == 0 and ladder and not ladder.get("offload_activations"):
+            continue
+        cand = Candidate(rate(k), compression=compression, **ladder)
+        found = evaluate(cand)
+        if found is not None:
+            return plan(cand, found)
+    return None  # unreachable: the last ladder fitted during the bisection
+
+
 def _calibrate(model, make_optimizer, loss_fn, cand: Candidate, base: SessionConfig,
-               margin: float) -> dict[int | None, dict]:
+               margin: float, scale: float = 1.0) -> dict[int | None, dict]:
     """Expected peaks of ``cand``: ``{None: ...}``, or ``{k: ...}`` for every k
     (blocks resident) when it streams weights (one step measured at k=2, k'=1)."""
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad])
@@ -330,8 +428,9 @@ def _calibrate(model, make_optimizer, loss_fn, cand: Candidate, base: SessionCon
         extra = _worst_dynamic(inputs, frozen, len(session.units) - len(frozen)) \
             if freezer is not None else 0
         if session.streamer is None:
-            return {None: _expected(rep, opt, freezer, cand, margin, extra_activations=extra)}
-        return {k: _expected(rep, opt, freezer, cand, margin, session.streamer, k, extra)
+            return {None: _expected(rep, opt, freezer, cand, margin, extra_activations=extra,
+                                    scale=scale)}
+        return {k: _expected(rep, opt, freezer, cand, margin, session.streamer, k, extra, scale)
                 for k in range(1, len(session.streamer.units) + 1)}
     finally:
         session.stop()
