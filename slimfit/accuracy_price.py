@@ -46,12 +46,15 @@ def expected_price(freeze_rate: float, compression: bool) -> tuple[float, str]:
     fine-tuning (0 at rate 0); a price measured only with compression stands
     in for the setting without it (compression costs at most that), and
     beyond the highest measured rate the last measured slope is extended, so
-    the figure errs on the side of a larger price.
+    the figure errs on the side of a larger price. Prices never fall as the
+    rate grows (a lower measured price at a higher rate is seed noise).
     """
     pts = sorted((r, p.gap) for (r, c), p in MEASURED.items() if c == compression)
     if not pts and MEASURED:  # e.g. only compressed runs: their price bounds the other
         pts = sorted((r, p.gap) for (r, _c), p in MEASURED.items())
     pts = [(0.0, 0.0)] + [pt for pt in pts if pt[0] > 0]
+    for i in range(1, len(pts)):  # more freezing never priced cheaper (seed noise aside)
+        pts[i] = (pts[i][0], min(pts[i][1], pts[i - 1][1]))
     rates = [r for r, _ in pts]
     i = bisect.bisect_right(rates, freeze_rate)
     if i >= len(pts):  # beyond the last measured rate: extend the last slope

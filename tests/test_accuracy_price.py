@@ -1,0 +1,41 @@
+"""The accuracy-price table the planner uses: it equals the fidelity study's
+committed results, and its interpolation errs towards a larger price."""
+
+import json
+import pathlib
+import statistics
+
+import pytest
+
+from slimfit.accuracy_price import MEASURED, expected_price
+
+RESULTS = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "results" / "fidelity.jsonl"
+
+
+def _paired_gaps(task, arm):
+    rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+    acc = {(r["task"], r["arm"], r["seed"]): r["val_acc"] for r in rows}
+    return [100 * (v - acc[(task, "full", s)]) for (t, a, s), v in acc.items()
+            if t == task and a == arm and (task, "full", s) in acc]
+
+
+@pytest.mark.parametrize("key", sorted(MEASURED))
+def test_table_equals_the_committed_study(key):
+    price = MEASURED[key]
+    gaps = _paired_gaps(price.task, price.arm)
+    assert len(gaps) == price.runs, (key, gaps)
+    assert price.gap == pytest.approx(statistics.mean(gaps), abs=0.005), (key, gaps)
+
+
+def test_full_fine_tuning_is_free_and_measured_points_are_exact():
+    assert expected_price(0.0, False) == (0.0, "exact")
+    for (rate, comp), price in MEASURED.items():
+        gap, note = expected_price(rate, comp)
+        assert gap == pytest.approx(price.gap) and note.startswith("measured")
+
+
+@pytest.mark.parametrize("compression", [False, True])
+def test_more_freezing_never_looks_cheaper(compression):
+    rates = [i / 100 for i in range(0, 100)]
+    gaps = [expected_price(r, compression)[0] for r in rates]
+    assert all(b <= a + 1e-9 for a, b in zip(gaps, gaps[1:])), gaps
