@@ -46,6 +46,7 @@ ARMS: dict[str, list[str]] = {
     # ablations, each one change from "slimfit"
     "slimfit-head-candidate": ["slimfit=r090_compress", "+slimfit.train_new_heads=false"],
     "slimfit-nocompress": ["slimfit=r090"],
+    "slimfit-lrscale-auto": ["slimfit=r090_compress", "+slimfit.trained_lr_scale=auto"],
     "slimfit-update_norm": ["slimfit=r090_compress", "+slimfit.score=update_norm"],
     "slimfit-grad_norm": ["slimfit=r090_compress", "+slimfit.score=grad_norm"],
     "slimfit-decay0.99": ["slimfit=r090_compress", "+slimfit.frozen_score_decay=0.99"],
@@ -65,7 +66,7 @@ for _name, _budget in (("0.2ep", ["trainer.max_epochs=-1", "trainer.max_steps=53
     ARMS[f"full-{_name}"] = ["slimfit=full", *_budget]
     ARMS[f"slimfit-{_name}"] = ["slimfit=r090_compress", *_budget]
 
-ABLATIONS = ("slimfit-head-candidate", "slimfit-nocompress", "slimfit-update_norm", "slimfit-grad_norm",
+ABLATIONS = ("slimfit-head-candidate", "slimfit-nocompress", "slimfit-lrscale-auto", "slimfit-update_norm", "slimfit-grad_norm",
              "slimfit-decay0.99", "slimfit-age20", "slimfit-sample", "slimfit-reserve0.25",
              "slimfit-nowarmup", "full-nowarmup")
 

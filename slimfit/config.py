@@ -62,6 +62,12 @@ class SlimFitConfig:
             in proportion to the scores, seeded).
         reserve_fraction: fraction in [0, 1) of the trained slots given to the
             least recently trained units (oldest frozen first).
+        trained_lr_scale: multiply the optimizer step of every candidate unit
+            trained this step by this factor (``W <- W_old + s * dW``: under
+            SGD or AdamW, its learning rate times s; always-trained tensors,
+            biases and new heads keep the optimizer's rate). A unit trains in
+            only about 1 - r of the steps; ``"auto"`` uses
+            ``(1 - r) ** -0.5`` (3.16 at r = 0.9), 1.0 the optimizer's rate.
     """
 
     freeze_rate: float = 0.9
@@ -79,6 +85,7 @@ class SlimFitConfig:
     frozen_score_decay: float | None = None
     selection: str = "topk"
     reserve_fraction: float = 0.0
+    trained_lr_scale: float | str = 1.0
 
     def __post_init__(self):
         r = self.freeze_rate
@@ -131,6 +138,20 @@ class SlimFitConfig:
             raise SlimFitError(
                 f"reserve_fraction must be a number in [0, 1), got {f!r}: the fraction of the "
                 "trained slots given to the least recently trained units (0 = none).")
+        s = self.trained_lr_scale
+        if s != "auto" and (isinstance(s, bool) or not isinstance(s, (int, float))
+                            or not 0.0 < s < math.inf):
+            raise SlimFitError(
+                f"trained_lr_scale must be a positive finite number or 'auto', got {s!r}: "
+                "the factor on the optimizer step of the units trained in a step (1.0 = the "
+                "optimizer's learning rate; 'auto' = (1 - freeze_rate) ** -0.5).")
+
+    @property
+    def lr_scale(self) -> float:
+        """The factor :attr:`trained_lr_scale` stands for at this rate."""
+        if self.trained_lr_scale == "auto":
+            return (1.0 - self.freeze_rate) ** -0.5
+        return float(self.trained_lr_scale)
 
     def selection_kwargs(self) -> dict:
         """The arguments of :func:`slimfit.selection.select_units`."""

@@ -145,7 +145,8 @@ class LayerFreezer:
         trained = [u.params for i, u in enumerate(self.units) if i not in fz]
         self._snapshot = WeightSnapshot(
             trained, eps=self.config.score_eps, score=self.config.score,
-            row_sparse=[p for ps in trained for p in ps if id(p) in self._tables])
+            row_sparse=[p for ps in trained for p in ps if id(p) in self._tables],
+            keep_weights=self.config.lr_scale != 1.0)
 
     def after_optimizer_step(self, *, skipped: bool = False,
                              loss: torch.Tensor | float | None = None) -> dict[str, float]:
@@ -173,6 +174,8 @@ class LayerFreezer:
         step, frozen = self.scheduler.step, self.frozen
         scores, bad = None, None
         if not skipped:  # a skipped step is not read at all (no sync)
+            if self.config.lr_scale != 1.0:  # W <- W_old + s * dW, in place, before scoring
+                snap.scale_update(self.config.lr_scale)
             m = snap.measure(_loss_flag(loss))
             if m.finite:
                 scores = m.scores

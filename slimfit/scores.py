@@ -158,7 +158,8 @@ class WeightSnapshot:
     """
 
     def __init__(self, units: Sequence[Sequence[torch.Tensor]], eps: float = 1e-8,
-                 score: str = "paper", row_sparse: Sequence[torch.Tensor] = ()):
+                 score: str = "paper", row_sparse: Sequence[torch.Tensor] = (),
+                 keep_weights: bool = False):
         if score not in SCORES:
             raise SlimFitError(f"score must be one of {', '.join(map(repr, SCORES))}, "
                                f"got {score!r}.")
@@ -170,14 +171,27 @@ class WeightSnapshot:
         self._used = [_used_rows(p) if score != "paper" and id(p) in sparse and p.dim() >= 2
                       else None for p in self._params]
         with torch.no_grad():
-            if score in _UPDATE_SCORES:
+            if score in _UPDATE_SCORES or keep_weights:
                 # Memory: one copy of the trained units only (~(1 - r) of the weights).
                 self._old = torch._foreach_mul([p.detach() for p in self._params], 1.0) \
                     if self._params else []
                 self._gnorm = []
-            else:  # no weight copy: the gradient norms are all that is needed
-                self._old = []
+            if score not in _UPDATE_SCORES:  # gradient scores: their norms, before the step
                 self._gnorm = _grad_norms(self._params)
+            if not (score in _UPDATE_SCORES or keep_weights):
+                self._old = []
+
+    def scale_update(self, factor: float) -> None:
+        """Make the step just taken ``factor`` times as large: ``W <- W_old +
+        factor * (W - W_old)`` (needs ``keep_weights`` or an update score).
+        In place, no extra memory: the weight copy exists already."""
+        if self._params and len(self._old) != len(self._params):
+            raise SlimFitError("scale_update() needs a snapshot built with keep_weights=True.")
+        with torch.no_grad():
+            live = [p.detach() for p in self._params]
+            torch._foreach_sub_(live, self._old)
+            torch._foreach_mul_(live, factor)
+            torch._foreach_add_(live, self._old)
 
     def _weight_norms(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         dense = [t for t, u in zip(tensors, self._used) if u is None]

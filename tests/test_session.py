@@ -233,3 +233,51 @@ def test_two_identical_runs_are_bit_identical(tmp_path):
     assert fa == fb
     for (n, x), y in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(x, y), n
+
+
+# -- trained_lr_scale ------------------------------------------------------------------
+
+@pytest.mark.parametrize("score", ["paper", "grad_norm"])
+def test_trained_lr_scale_multiplies_the_step_of_trained_units_only(score):
+    """With SGD, scale s on the trained candidate units equals their learning
+    rate times s; frozen units do not move; always-trained tensors (biases,
+    the new head) keep the optimizer's rate."""
+    torch.manual_seed(0)
+    base = models.hf_bert()
+    batch = models.text_batch(base, generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for s in (1.0, 3.0):
+        model = models.hf_bert().eval()  # no dropout: both runs see the same gradients
+        model.load_state_dict(base.state_dict())
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        session = SlimFitSession(model, SessionConfig(freezing=SlimFitConfig(
+            freeze_rate=0.5, trained_lr_scale=s, score=score)))
+        session.start(torch.optim.SGD(model.parameters(), lr=0.1))
+        frozen = session.decide()
+        session.step(lambda: model(**batch).loss, frozen=frozen)
+        names = dict((id(p), n) for n, p in model.named_parameters())
+        unit_of = {names[id(p)]: i for i, u in enumerate(session.units) for p in u.params}
+        runs[s] = ({n: p.detach() - before[n] for n, p in model.named_parameters()},
+                   unit_of, set(frozen))
+        session.stop()
+    (d1, unit_of, frozen), (d3, _, frozen3) = runs[1.0], runs[3.0]
+    assert frozen == frozen3
+    checked = set()
+    for n in d1:
+        if n in unit_of and unit_of[n] in frozen:
+            assert d3[n].abs().max() == 0, n
+        elif n in unit_of:
+            torch.testing.assert_close(d3[n], 3 * d1[n], rtol=1e-4, atol=1e-7)
+            checked.add("trained")
+        else:
+            torch.testing.assert_close(d3[n], d1[n], msg=n)
+            checked.add("always trained")
+    assert checked == {"trained", "always trained"}
+
+
+def test_trained_lr_scale_auto_and_bad_values():
+    assert SlimFitConfig(freeze_rate=0.9, trained_lr_scale="auto").lr_scale == \
+        pytest.approx(10 ** 0.5)
+    for bad in (0, -1.0, "fast", True, float("inf")):
+        with pytest.raises(SlimFitError, match="trained_lr_scale must be a positive"):
+            SlimFitConfig(trained_lr_scale=bad)
