@@ -45,8 +45,12 @@ ARMS: dict[str, list[str]] = {
     "slimfit": ["slimfit=r090_compress"],
     # ablations, each one change from "slimfit"
     "slimfit-head-candidate": ["slimfit=r090_compress", "+slimfit.train_new_heads=false"],
+    # the paper's choices: head a candidate, step scale 1, eager attention
+    "slimfit-paper-eager": ["slimfit=r090_compress", "+slimfit.train_new_heads=false",
+                            "+slimfit.trained_lr_scale=1.0", "model.attn_implementation=eager"],
     "slimfit-nocompress": ["slimfit=r090"],
-    "slimfit-lrscale-auto": ["slimfit=r090_compress", "+slimfit.trained_lr_scale=auto"],
+    # the paper's step size for trained units (the default before trained_lr_scale="auto")
+    "slimfit-lrscale1": ["slimfit=r090_compress", "+slimfit.trained_lr_scale=1.0"],
     "slimfit-update_norm": ["slimfit=r090_compress", "+slimfit.score=update_norm"],
     "slimfit-grad_norm": ["slimfit=r090_compress", "+slimfit.score=grad_norm"],
     "slimfit-decay0.99": ["slimfit=r090_compress", "+slimfit.frozen_score_decay=0.99"],
@@ -59,6 +63,7 @@ ARMS: dict[str, list[str]] = {
 for _lr in ("5e-5", "2e-4", "3e-4"):
     ARMS[f"full@lr{_lr}"] = ["slimfit=full", f"task.lr={_lr}"]
     ARMS[f"slimfit@lr{_lr}"] = ["slimfit=r090_compress", f"task.lr={_lr}"]
+    ARMS[f"slimfit-lrscale1@lr{_lr}"] = [*ARMS["slimfit-lrscale1"], f"task.lr={_lr}"]
 for _r in ("0.5", "0.8", "0.95"):
     ARMS[f"slimfit-r{_r}"] = ["slimfit=r090_compress", f"slimfit.freeze_rate={_r}"]
 for _name, _budget in (("0.2ep", ["trainer.max_epochs=-1", "trainer.max_steps=53"]),
@@ -66,7 +71,7 @@ for _name, _budget in (("0.2ep", ["trainer.max_epochs=-1", "trainer.max_steps=53
     ARMS[f"full-{_name}"] = ["slimfit=full", *_budget]
     ARMS[f"slimfit-{_name}"] = ["slimfit=r090_compress", *_budget]
 
-ABLATIONS = ("slimfit-head-candidate", "slimfit-nocompress", "slimfit-lrscale-auto", "slimfit-update_norm", "slimfit-grad_norm",
+ABLATIONS = ("slimfit-head-candidate", "slimfit-nocompress", "slimfit-lrscale1", "slimfit-update_norm", "slimfit-grad_norm",
              "slimfit-decay0.99", "slimfit-age20", "slimfit-sample", "slimfit-reserve0.25",
              "slimfit-nowarmup", "full-nowarmup")
 
