@@ -33,7 +33,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 import re
+import weakref
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -192,13 +194,27 @@ def _unit_inputs(model: nn.Module, units: Sequence, compressor=None) -> Iterator
         for p in u.params:
             by_module.setdefault(id(owner[id(p)]), (owner[id(p)], []))[1].append(i)
     seen: list = [(None, 0)] * len(units)
+    # storage identity -> (weak reference to the tensor, unique id): an input not
+    # saved (its module frozen) is freed, and the allocator may hand its address
+    # to the next one; a dead reference means a new storage, not a shared one
+    live: dict = {}
+    fresh = itertools.count()
+
+    def ident(x):
+        key = storage_identity(x)
+        ref, uid = live.get(key, (None, None))
+        if ref is None or ref() is None:
+            uid = next(fresh)
+            live[key] = (weakref.ref(x), uid)
+        return uid
 
     def pre(mod, args, idx):
         x = next((a for a in args if torch.is_tensor(a) and a.is_floating_point()), None)
         if x is not None:
             b = int(x.numel() * x.element_size() * ratio.get(id(mod), 1.0))
+            uid = ident(x)
             for i in idx:
-                seen[i] = (storage_identity(x), max(seen[i][1], b))
+                seen[i] = (uid, max(seen[i][1], b))
 
     handles = [m.register_forward_pre_hook(functools.partial(pre, idx=idx))
                for m, idx in by_module.values()]
@@ -248,7 +264,7 @@ def _expected(rep: MemoryReport, opt: torch.optim.Optimizer, freezer: LayerFreez
         int((rep.activations + extra_activations) * scale * (1 + margin))
     opt_bytes = int(per_byte * resident)
     params, host_params = rep.parameters, 0
-    if streamer is not None:
+    if streamer is not None and freezer is not None:  # nothing frozen: nothing streamed out
         streamed = {id(t.param): t.nbytes for u in streamer.units for t in u.tensors}
         blocks = sorted((sum(t.nbytes for t in u.tensors) for u in streamer.units), reverse=True)
         outside = rep.parameters - streamer.peak_resident_bytes  # never streamed
@@ -387,26 +403,33 @@ def _search(evaluate, plan, model, base: SessionConfig, max_rate: float, stream:
 
     best: tuple[float, int, bool] | None = None  # (price, frozen units, compression)
     for compression in (False, True):
-        # bisection for the fewest frozen units that fit with every exact technique on
-        top = Candidate(rate(k_max), compression=compression, **ladders[-1])
-        if evaluate(top) is None:
-            continue
-        lo, hi = -1, k_max  # lo: known not to fit (or below range), hi: fits
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if evaluate(Candidate(rate(mid), compression=compression, **ladders[-1])) is None:
-                lo = mid
-            else:
-                hi = mid
+        if compression and evaluate(Candidate(0.0, compression=True)) is not None:
+            hi = 0  # compression alone fits
+        else:  # rate 0 without compression is full fine-tuning: it did not fit
+            if evaluate(Candidate(rate(k_max), compression=compression, **ladders[-1])) is None:
+                continue
+            # bisection for the fewest frozen units that fit with every exact technique on
+            lo, hi = 0, k_max  # lo: does not fit, hi: fits
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if evaluate(Candidate(rate(mid), compression=compression, **ladders[-1])) is None:
+                    lo = mid
+                else:
+                    hi = mid
+            # the peak is monotone in the frozen count only up to which units the
+            # first step happens to freeze: step down while one unit fewer fits
+            while hi > 1 and evaluate(Candidate(rate(hi - 1), compression=compression,
+                                                **ladders[-1])) is not None:
+                hi -= 1
         price = -expected_price(rate(hi), compression)[0]
         if best is None or price < best[0] - 1e-9:
             best = (price, hi, compression)
     if best is None:
         return None
     _, k, compression = best
+    if k == 0:  # compression alone (the exact techniques act on frozen units)
+        return plan(Candidate(0.0, compression=True), evaluate(Candidate(0.0, compression=True)))
     for ladder in ladders:  # the fastest exact techniques that fit at that rate
-        if k == 0 and ladder and not ladder.get("offload_activations"):
-            continue
         cand = Candidate(rate(k), compression=compression, **ladder)
         found = evaluate(cand)
         if found is not None:
