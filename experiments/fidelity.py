@@ -15,8 +15,9 @@ Groups (``GROUPS``): ``core`` (full fine-tuning vs SlimFit r=0.9 +
 compression, three tasks x seeds 0-2; ``core0``: seed 0 only), ``ablation``
 (head, score, staleness, schedule, selection on the movie task; ``ablation0``:
 seed 0), ``lr`` (peak learning rates of both arms), ``rate`` (r in
-0.5/0.8/0.95), ``short`` (0.2 and 1 epoch). Each run records the code version
-it ran (``FIDELITY_CODE``, set by whoever starts the study from a snapshot).
+0.5/0.8/0.95), ``short`` (0.2 and 1 epoch), ``peers`` (LoRA on the movie
+task). Each run records the code version it ran (``FIDELITY_CODE``, set by
+whoever starts the study from a snapshot). ``--only`` runs given run ids.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ ARMS: dict[str, list[str]] = {
     "slimfit-paper-eager": ["slimfit=r090_compress", "+slimfit.train_new_heads=false",
                             "+slimfit.trained_lr_scale=1.0", "model.attn_implementation=eager"],
     "slimfit-nocompress": ["slimfit=r090"],
+    # a peer at the same budget: PEFT LoRA r=8 (its method file sets lr 5e-4)
+    "lora": ["slimfit=full", "method=lora"],
     # the paper's step size for trained units (the default before trained_lr_scale="auto")
     "slimfit-lrscale1": ["slimfit=r090_compress", "+slimfit.trained_lr_scale=1.0"],
     "slimfit-update_norm": ["slimfit=r090_compress", "+slimfit.score=update_norm"],
@@ -84,6 +87,7 @@ GROUPS = {
     "lr": (("movie",), tuple(a for a in ARMS if "@lr" in a), (0, 1)),
     "rate": (("movie",), ("slimfit-r0.5", "slimfit-r0.8", "slimfit-r0.95"), (0, 1)),
     "short": (tuple(TASKS), ("full-0.2ep", "slimfit-0.2ep", "full-1ep", "slimfit-1ep"), SEEDS),
+    "peers": (("movie",), ("lora",), SEEDS),
 }
 
 
