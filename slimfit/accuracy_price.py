@@ -18,7 +18,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 
-__all__ = ["Price", "MEASURED", "expected_price"]
+__all__ = ["Price", "MEASURED", "expected_price", "compression_price"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,35 +38,57 @@ MEASURED: dict[tuple[float, bool], Price] = {
 }
 
 
+def _curve(points: list[tuple[float, float]], rate: float) -> float:
+    """Piecewise-linear price through ``(0, 0)`` and ``points``, never falling as
+    the rate grows, the last slope extended beyond the last point."""
+    pts = [(0.0, 0.0)] + sorted(pt for pt in points if pt[0] > 0)
+    for i in range(1, len(pts)):  # more freezing never priced cheaper (seed noise aside)
+        pts[i] = (pts[i][0], min(pts[i][1], pts[i - 1][1]))
+    i = bisect.bisect_right([r for r, _ in pts], rate)
+    if i >= len(pts):  # beyond the last measured rate: extend the last slope
+        (r0, g0), (r1, g1) = pts[-2] if len(pts) > 1 else pts[-1], pts[-1]
+        slope = (g1 - g0) / (r1 - r0) if r1 > r0 else 0.0
+        return g1 + slope * (rate - r1)
+    (r0, g0), (r1, g1) = pts[i - 1], pts[i]
+    return g0 + (g1 - g0) * (rate - r0) / (r1 - r0)
+
+
+def compression_price() -> float | None:
+    """What compression adds to the price (points, <= 0) where the study
+    measured the same rate with and without it; None if it has not."""
+    pairs = [MEASURED[(r, True)].gap - MEASURED[(r, False)].gap
+             for (r, c) in MEASURED if c and (r, False) in MEASURED]
+    return min(0.0, sum(pairs) / len(pairs)) if pairs else None
+
+
 def expected_price(freeze_rate: float, compression: bool) -> tuple[float, str]:
     """Expected accuracy price (points) of freezing at ``freeze_rate`` with or
     without compression, and a note on where the figure comes from.
 
-    Between measured rates the price is interpolated linearly from full
-    fine-tuning (0 at rate 0); a price measured only with compression stands
-    in for the setting without it (compression costs at most that), and
-    beyond the highest measured rate the last measured slope is extended, so
-    the figure errs on the side of a larger price. Prices never fall as the
-    rate grows (a lower measured price at a higher rate is seed noise).
+    Price = freezing's price at the rate + compression's own price (if on).
+    Freezing's price is interpolated linearly from full fine-tuning (0 at
+    rate 0) through the measured rates without compression; where only
+    compressed runs exist, their price stands in (an upper bound on
+    freezing's). Beyond the highest measured rate the last slope is extended,
+    and prices never fall as the rate grows (a lower measured price at a
+    higher rate is seed noise), so the figure errs on the side of a larger
+    price. Compression's own price is the mean paired difference at rates
+    measured both ways; until then it counts as 0 and the note says so.
     """
-    pts = sorted((r, p.gap) for (r, c), p in MEASURED.items() if c == compression)
-    if not pts and MEASURED:  # e.g. only compressed runs: their price bounds the other
-        pts = sorted((r, p.gap) for (r, _c), p in MEASURED.items())
-    pts = [(0.0, 0.0)] + [pt for pt in pts if pt[0] > 0]
-    for i in range(1, len(pts)):  # more freezing never priced cheaper (seed noise aside)
-        pts[i] = (pts[i][0], min(pts[i][1], pts[i - 1][1]))
-    rates = [r for r, _ in pts]
-    i = bisect.bisect_right(rates, freeze_rate)
-    if i >= len(pts):  # beyond the last measured rate: extend the last slope
-        (r0, g0), (r1, g1) = pts[-2] if len(pts) > 1 else pts[-1], pts[-1]
-        slope = (g1 - g0) / (r1 - r0) if r1 > r0 else 0.0
-        gap = g1 + slope * (freeze_rate - r1)
-    else:
-        (r0, g0), (r1, g1) = pts[i - 1], pts[i]
-        gap = g0 + (g1 - g0) * (freeze_rate - r0) / (r1 - r0)
+    if freeze_rate == 0 and not compression:
+        return 0.0, "exact"
+    comp = compression_price()
+    plain = [(r, p.gap) for (r, c), p in MEASURED.items() if not c]
+    if plain:
+        freezing = _curve(plain, freeze_rate)
+    else:  # only compressed runs: their price bounds freezing's
+        freezing = _curve([(r, p.gap - (comp or 0.0)) for (r, _c), p in MEASURED.items()],
+                          freeze_rate)
+    gap = freezing + ((comp or 0.0) if compression else 0.0)
     measured = MEASURED.get((round(freeze_rate, 4), compression))
     if measured is not None:
-        note = f"measured: {measured.task}, {measured.runs} paired run(s)"
-    else:
-        note = "interpolated from the fidelity study" if freeze_rate > 0 else "exact"
-    return (0.0 if freeze_rate == 0 and not compression else gap), note
+        return measured.gap, f"measured: {measured.task}, {measured.runs} paired run(s)"
+    note = "interpolated from the fidelity study"
+    if compression and comp is None:
+        note += "; compression's own price not measured yet (gradient cosine >= 0.99)"
+    return gap, note

@@ -238,13 +238,13 @@ def _worst_dynamic(inputs: Sequence, frozen: Sequence[int], n_train: int) -> int
 
 def _expected(rep: MemoryReport, opt: torch.optim.Optimizer, freezer: LayerFreezer | None,
               cand: Candidate, margin: float, streamer: WeightStreamer | None = None,
-              k: int | None = None, extra_activations: int = 0,
-              scale: float = 1.0) -> dict[str, int]:
+              k: int | None = None, activations: int | None = None) -> dict[str, int]:
     """Steady state from one calibration step, as upper bounds: gradients (and,
     with offload, resident optimizer state) for the largest set of units a step
     may train; optimizer state for every tensor once each has been trained;
-    activations as measured, plus what the worst trained set may add
-    (``extra_activations``), times ``scale`` (a larger batch), plus ``margin``; with weight streaming, the
+    ``activations`` (as measured, or at the planned batch, with what the worst
+    trained set may add; default: as measured), plus ``margin``; with weight
+    streaming, the
     weights outside the streamed blocks, plus the k largest blocks whole, plus
     the largest trainable set (it stays resident)."""
     nbytes = lambda ps: sum(p.numel() * p.element_size() for p in ps)  # noqa: E731
@@ -261,7 +261,7 @@ def _expected(rep: MemoryReport, opt: torch.optim.Optimizer, freezer: LayerFreez
     resident = trainable if cand.offload_optimizer_state else all_bytes
     grads = trainable  # gradients have their parameters' size
     acts = 0 if cand.offload_activations else \
-        int((rep.activations + extra_activations) * scale * (1 + margin))
+        int((rep.activations if activations is None else activations) * (1 + margin))
     opt_bytes = int(per_byte * resident)
     params, host_params = rep.parameters, 0
     if streamer is not None and freezer is not None:  # nothing frozen: nothing streamed out
@@ -294,8 +294,10 @@ def plan_for_budget(model: nn.Module, make_optimizer: Callable[[list], torch.opt
                     loss_fn: Callable[[], torch.Tensor], budget: str | int,
                     candidates: Sequence[Candidate] | None = None,
                     base: SessionConfig | None = None, activation_margin: float = 0.1, *,
-                    activation_scale: float = 1.0, max_freeze_rate: float = 0.95,
-                    stream: bool = True, cuda: bool | None = None) -> Plan:
+                    activation_scale: float = 1.0,
+                    small_batch: tuple[Callable[[], torch.Tensor], float] | None = None,
+                    max_freeze_rate: float = 0.95, stream: bool = True,
+                    cuda: bool | None = None) -> Plan:
     """Measure calibration steps and return the plan with the smallest expected
     accuracy price that fits (the search is in the module docstring).
 
@@ -316,9 +318,17 @@ def plan_for_budget(model: nn.Module, make_optimizer: Callable[[list], torch.opt
             off in a copy of it, nothing else.
         activation_margin: headroom on measured activations (the trained set,
             hence the dynamic activations, changes from step to step).
-        activation_scale: multiply measured activations by this, e.g. 32 to
-            plan for batch 128 from a batch-4 calibration step (activations are
-            linear in the batch; parameters and optimizer state are not).
+        activation_scale: plan for a batch this many times the calibration
+            batch, e.g. 32 to plan batch 128 from batch-4 steps (parameters and
+            optimizer state do not grow with the batch). Alone, measured
+            activations are multiplied by it: an upper bound, loose where part
+            of them does not grow with the batch (under autocast the
+            low-precision weight copies ops save).
+        small_batch: ``(loss_fn at a smaller batch, its size / the calibration
+            batch's)``, e.g. ``(loss_at_1, 0.5)`` beside ``loss_fn`` at batch
+            2: every candidate is also measured there and activations are
+            extrapolated on the line through both points (exact where they are
+            linear in the batch, which the benchmarks' residuals show).
         max_freeze_rate: the search never freezes more than this.
         stream: weight streaming may be used (it needs a single process).
         cuda: activation offload may be used (default: CUDA is available).
@@ -331,6 +341,11 @@ def plan_for_budget(model: nn.Module, make_optimizer: Callable[[list], torch.opt
     if not (isinstance(activation_scale, (int, float)) and 0 < activation_scale < float("inf")):
         raise BudgetError(f"activation_scale must be a positive number (the planned batch over "
                           f"the calibration batch), got {activation_scale!r}.")
+    if small_batch is not None and not (
+            isinstance(small_batch, tuple) and len(small_batch) == 2 and callable(small_batch[0])
+            and isinstance(small_batch[1], (int, float)) and 0 < small_batch[1] < 1):
+        raise BudgetError(f"small_batch must be (loss_fn, fraction) with fraction in (0, 1), the "
+                          f"smaller batch over the calibration batch; got {small_batch!r}.")
     if not (isinstance(max_freeze_rate, (int, float)) and 0 <= max_freeze_rate < 1):
         raise BudgetError(f"max_freeze_rate must be in [0, 1), got {max_freeze_rate!r}.")
     base = base if base is not None else SessionConfig(freezing=SlimFitConfig())
@@ -339,10 +354,16 @@ def plan_for_budget(model: nn.Module, make_optimizer: Callable[[list], torch.opt
     saved = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     tried: list[tuple[str, int]] = []
 
+    measured: dict[Candidate, dict] = {}
+
     def evaluate(cand: Candidate) -> tuple[int | None, dict] | None:
         """(k, expected) of ``cand`` if it fits, else None; recorded in ``tried``."""
-        by_k = _calibrate(model, make_optimizer, loss_fn, cand, base, activation_margin,
-                          activation_scale)
+        if cand in measured:  # each candidate is calibrated once
+            by_k = measured[cand]
+            fits = [k for k, e in by_k.items() if e["total"] <= budget_b]
+            return (max(fits), by_k[max(fits)]) if fits else None
+        by_k = measured[cand] = _calibrate(model, make_optimizer, loss_fn, cand, base,
+                                           activation_margin, activation_scale, small_batch)
         model.load_state_dict(saved)
         fits = [k for k, e in by_k.items() if e["total"] <= budget_b]
         k = max(fits) if fits else min(by_k)  # more blocks resident: fewer transfers
@@ -438,7 +459,8 @@ def _search(evaluate, plan, model, base: SessionConfig, max_rate: float, stream:
 
 
 def _calibrate(model, make_optimizer, loss_fn, cand: Candidate, base: SessionConfig,
-               margin: float, scale: float = 1.0) -> dict[int | None, dict]:
+               margin: float, scale: float = 1.0,
+               small_batch: tuple[Callable, float] | None = None) -> dict[int | None, dict]:
     """Expected peaks of ``cand``: ``{None: ...}``, or ``{k: ...}`` for every k
     (blocks resident) when it streams weights (one step measured at k=2, k'=1)."""
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad])
@@ -450,10 +472,18 @@ def _calibrate(model, make_optimizer, loss_fn, cand: Candidate, base: SessionCon
         freezer = session.freezer if cand.freeze_rate > 0 else None
         extra = _worst_dynamic(inputs, frozen, len(session.units) - len(frozen)) \
             if freezer is not None else 0
+        # activations at the planned batch: proportional (an upper bound), or on
+        # the line through this batch and a smaller one (same frozen set); the
+        # worst trained set's extra inputs are proportional to the batch
+        acts = rep.activations * scale
+        if small_batch is not None and scale != 1:
+            small = session.step(small_batch[0], measure=True, frozen=frozen).activations
+            per_batch = (rep.activations - small) / (1 - small_batch[1])
+            acts = rep.activations + per_batch * (scale - 1)
+        acts = int(acts + extra * scale)
         if session.streamer is None:
-            return {None: _expected(rep, opt, freezer, cand, margin, extra_activations=extra,
-                                    scale=scale)}
-        return {k: _expected(rep, opt, freezer, cand, margin, session.streamer, k, extra, scale)
+            return {None: _expected(rep, opt, freezer, cand, margin, activations=acts)}
+        return {k: _expected(rep, opt, freezer, cand, margin, session.streamer, k, acts)
                 for k in range(1, len(session.streamer.units) + 1)}
     finally:
         session.stop()

@@ -39,3 +39,14 @@ def test_more_freezing_never_looks_cheaper(compression):
     rates = [i / 100 for i in range(0, 100)]
     gaps = [expected_price(r, compression)[0] for r in rates]
     assert all(b <= a + 1e-9 for a, b in zip(gaps, gaps[1:])), gaps
+
+
+def test_compression_adds_its_own_price_where_measured_both_ways(monkeypatch):
+    from slimfit import accuracy_price as ap
+    table = {(0.9, False): ap.Price(-0.4, 3, "a", "t"), (0.9, True): ap.Price(-0.7, 3, "b", "t")}
+    monkeypatch.setattr(ap, "MEASURED", table)
+    assert ap.compression_price() == pytest.approx(-0.3)
+    assert ap.expected_price(0.45, False)[0] == pytest.approx(-0.2)
+    assert ap.expected_price(0.45, True)[0] == pytest.approx(-0.5)
+    assert ap.expected_price(0.0, True)[0] == pytest.approx(-0.3)
+    assert ap.expected_price(0.0, False) == (0.0, "exact")

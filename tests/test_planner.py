@@ -219,6 +219,14 @@ def test_activation_scale_plans_for_a_larger_batch():
     at16 = plan_for_budget(model, adamw, lambda: model(**large).loss, 1 << 40, full)
     a4, a16 = at4.expected["activations"], at16.expected["activations"]
     assert abs(a4 - a16) / a16 < 0.05, (a4, a16)
+    # on the line through batches 2 and 4 (same frozen set): the same, or closer
+    tiny = CASES["bert"].batch(model, n=2, generator=torch.Generator().manual_seed(0))
+    fit = plan_for_budget(model, adamw, lambda: model(**small).loss, 1 << 40, full,
+                          activation_scale=4.0, small_batch=(lambda: model(**tiny).loss, 0.5))
+    assert abs(fit.expected["activations"] - a16) <= abs(a4 - a16) + 0.01 * a16
+    with pytest.raises(BudgetError, match="small_batch must be"):
+        plan_for_budget(model, adamw, lambda: model(**small).loss, "1GiB",
+                        small_batch=(lambda: 0, 2.0))
     with pytest.raises(BudgetError, match="activation_scale must be a positive number"):
         plan_for_budget(model, adamw, lambda: model(**small).loss, "1GiB", activation_scale=0)
     with pytest.raises(BudgetError, match=r"max_freeze_rate must be in \[0, 1\)"):
