@@ -160,6 +160,34 @@ def report() -> str:
     return "\n".join(lines)
 
 
+def plot(path: str, task: str = "movie") -> pathlib.Path:
+    """Accuracy against ledger memory, one point per arm of ``task`` (mean over
+    seeds, error bar: std), full fine-tuning marked: the study's frontier."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in _done().values() if r["task"] == task and r.get("memory_total")]
+    arms = sorted({r["arm"] for r in rows}, key=lambda a: (a != "full", a))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for arm in arms:
+        rs = [r for r in rows if r["arm"] == arm]
+        acc = [100 * r["val_acc"] for r in rs]
+        mem = statistics.mean(r["memory_total"] for r in rs) / 2**20
+        sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
+        ax.errorbar(mem, statistics.mean(acc), yerr=sd, fmt="s" if arm == "full" else "o",
+                    capsize=3, label=f"{arm} (n={len(acc)})")
+    ax.set_xlabel("training memory on the ledger (MiB)")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title(f"Fidelity study, {task}: 3 epochs, MiniLM")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = pathlib.Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--groups", nargs="+", default=["core"], choices=list(GROUPS))
@@ -167,9 +195,13 @@ def main(argv=None) -> None:
                     help="run these run ids (task/arm/seedN) in this order instead of --groups")
     ap.add_argument("--list", action="store_true", help="print the pending runs and exit")
     ap.add_argument("--report", action="store_true", help="print the paired-gap table and exit")
+    ap.add_argument("--plot", metavar="PNG", help="with --report: also write the accuracy-vs-"
+                                                  "memory frontier of the movie task there")
     args = ap.parse_args(argv)
     if args.report:
         print(report())
+        if args.plot:
+            print(f"frontier plot: {plot(args.plot)}")
         return
     done = _done()
     queue = _runs(list(GROUPS)) if args.only else _runs(args.groups)
