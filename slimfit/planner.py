@@ -13,19 +13,20 @@ Why accuracy first: freezing is the lossy step (the fidelity study prices it,
 activation offload are exact and cost only time. So the search is:
 
 1. full fine-tuning, if it fits;
-2. for freezing without and with compression, the lowest freezing rate that
-   fits with every exact technique on (a bisection over the number of frozen
-   units, so any rate up to ``max_freeze_rate``, not only 0.8/0.9/0.95);
-3. the one with the smaller expected accuracy price (ties: no compression);
-4. at that rate, the fastest set of exact techniques that still fits, in the
-   order optimizer-state offload, + weight streaming (k blocks resident, the
+2. without compression, and with it (compression alone first), the lowest
+   freezing rate that fits with every exact technique on: a bisection over
+   the number of frozen units, then a step down while one fewer fits, so any
+   rate up to ``max_freeze_rate``, not only 0.8/0.9/0.95;
+3. of the two, the smaller expected accuracy price (ties: no compression);
+4. at that rate, the fastest exact techniques that still fit, in the order
+   none, optimizer-state offload, + weight streaming (k blocks resident, the
    largest k that fits, k' = min(2, k - 1) prefetched), + activation offload
    (CUDA only).
 
 ``candidates=[...]`` instead tries a fixed list in the order given (the
 first that fits), for users who want to decide the order themselves.
-Plans for a larger batch than the calibration batch scale the measured
-activations (``activation_scale``): they are linear in the batch size.
+``activation_scale`` (and ``small_batch``) plan a larger batch than the
+calibration batch: activations grow linearly with it, the rest does not.
 """
 
 from __future__ import annotations
@@ -244,9 +245,8 @@ def _expected(rep: MemoryReport, opt: torch.optim.Optimizer, freezer: LayerFreez
     may train; optimizer state for every tensor once each has been trained;
     ``activations`` (as measured, or at the planned batch, with what the worst
     trained set may add; default: as measured), plus ``margin``; with weight
-    streaming, the
-    weights outside the streamed blocks, plus the k largest blocks whole, plus
-    the largest trainable set (it stays resident)."""
+    streaming, the weights outside the streamed blocks, plus the k largest
+    blocks whole, plus the largest trainable set (it stays resident)."""
     nbytes = lambda ps: sum(p.numel() * p.element_size() for p in ps)  # noqa: E731
     in_opt = [p for g in opt.param_groups for p in g["params"]]
     with_state = [p for p in in_opt if opt.state.get(p)]
@@ -405,8 +405,10 @@ def _search(evaluate, plan, model, base: SessionConfig, max_rate: float, stream:
     found = evaluate(full)
     if found is not None:
         return plan(full, found)
-    if base.freezing is None:  # freezing switched off by the user: nothing else to try
-        return None
+    if base.freezing is None:  # the user switched freezing off: compression alone, or nothing
+        alone = Candidate(0.0, compression=True)
+        found = evaluate(alone)
+        return plan(alone, found) if found is not None else None
     n_units = len(SlimFitSession(model, dataclasses.replace(
         base, compression=None, offload_optimizer_state=False, offload_activations=False,
         stream=None)).units)
