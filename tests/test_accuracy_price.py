@@ -15,8 +15,8 @@ RESULTS = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "results
 def _paired_gaps(task, arm):
     rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
     acc = {(r["task"], r["arm"], r["seed"]): r["val_acc"] for r in rows}
-    return [100 * (v - acc[(task, "full", s)]) for (t, a, s), v in acc.items()
-            if t == task and a == arm and (task, "full", s) in acc]
+    return [100 * (v - acc[(t, "full", s)]) for (t, a, s), v in acc.items()
+            if task in (t, "all") and a == arm and (t, "full", s) in acc]
 
 
 @pytest.mark.parametrize("key", sorted(MEASURED))
