@@ -21,6 +21,11 @@ skipped with the reason printed.
 
     python -m slimfit.experiments.gpu_check            # needs CUDA
     python -m slimfit.experiments.gpu_check --models bert-base --batch-sizes 32
+    # the paper's scenarios, measured at batch 128 (bench_paper extrapolates on CPU)
+    python -m slimfit.experiments.gpu_check --models bert-base-squad --seq-len 384 \
+        --batch-sizes 128 --arms full slimfit planner
+    python -m slimfit.experiments.gpu_check --models vit-b16 --image-size 384 \
+        --batch-sizes 128 --arms full slimfit planner
 
 On the lent device machine (its own torch/transformers/peft, no network; see
 shared/reference/gpu-device.md), one command installs the project without
@@ -89,7 +94,8 @@ def _sync():
 
 def run_arm(args, model_name, bs, arm, full_peak):
     method = ARM_METHOD.get(arm, Method(name=arm))
-    case = build_case(model_name, 2, device=DEVICE, attn="eager" if arm == "full-eager" else "sdpa")
+    case = build_case(model_name, 2, args.seq_len, args.image_size, device=DEVICE,
+                      attn="eager" if arm == "full-eager" else "sdpa")
     case.model = method.apply(case.model)
     opt = make_optimizer(method.optimizer, case.model)
     plan_txt = ""
@@ -165,6 +171,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["bert-base", "vit-b16"])
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128])
+    ap.add_argument("--seq-len", type=int, default=128, help="text models' sequence length")
+    ap.add_argument("--image-size", type=int, default=224, help="ViT's image size")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--budget-fraction", type=float, default=1 / 6)
     ap.add_argument("--out", default=os.environ.get("OUT"),
