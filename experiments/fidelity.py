@@ -204,7 +204,7 @@ def main(argv=None) -> None:
             print(f"frontier plot: {plot(args.plot)}")
         return
     done = _done()
-    queue = _runs(list(GROUPS)) if args.only else _runs(args.groups)
+    queue = _runs(args.groups)
     if args.only:
         known = {r[0]: r for r in _runs(list(GROUPS))}
         for run_id in args.only:

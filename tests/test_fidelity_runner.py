@@ -1,0 +1,40 @@
+"""The fidelity study's runner: every arm is a valid Hydra composition whose
+SlimFit options build, run ids are checked, and the report pairs by seed."""
+
+import json
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from slimfit.experiments import fidelity
+from slimfit.experiments.train import CONFIG_DIR
+
+
+@pytest.mark.parametrize("arm", sorted(fidelity.ARMS))
+def test_every_arm_composes_and_its_slimfit_options_build(arm):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=fidelity_movie", "output_dir=/tmp/unused",
+                                          *fidelity.ARMS[arm]])
+    if cfg.slimfit.enabled:  # the callback validates every SlimFitConfig field it is given
+        options = {k: v for k, v in cfg.slimfit.items() if k not in ("name", "enabled")}
+        instantiate(options)
+    if arm.startswith("lora"):
+        assert cfg.method.name == "lora" and cfg.task.lr == 5e-4
+
+
+def test_only_rejects_an_unknown_run_id():
+    with pytest.raises(SystemExit, match="unknown run id 'movie/nope/seed0'"):
+        fidelity.main(["--only", "movie/nope/seed0", "--list"])
+
+
+def test_report_pairs_each_arm_with_full_fine_tuning_at_the_same_seed(tmp_path, monkeypatch):
+    rows = [dict(id=f"movie/{a}/seed{s}", task="movie", arm=a, seed=s, val_acc=v)
+            for a, s, v in (("full", 0, 0.80), ("full", 1, 0.90), ("slimfit", 0, 0.79),
+                            ("slimfit", 1, 0.88), ("lora", 1, 0.85))]
+    path = tmp_path / "fidelity.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(fidelity, "RESULTS", path)
+    table = fidelity.report()
+    assert "| movie | slimfit | 2 | 83.50 ± 6.36 | -1.50 ± 0.71 (n=2) |" in table
+    assert "| movie | lora | 1 | 85.00 ± 0.00 | -5.00 ± 0.00 (n=1) |" in table
