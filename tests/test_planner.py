@@ -161,8 +161,9 @@ def _fits(model, loss, budget, cand):
 @pytest.mark.parametrize("name", ["bert", "wide"])
 def test_plan_is_the_least_lossy_that_fits(name):
     """Under each budget the plan freezes as few units as any configuration
-    that fits: one unit fewer does not fit even with every exact technique on
-    (and the other compression choice costs at least as much accuracy)."""
+    that fits with its compression choice: one unit fewer does not fit even
+    with every exact technique on; streaming only where offload alone does not
+    fit; the printed price is the table's."""
     model, batch = build(name)
     loss = lambda: model(**batch).loss  # noqa: E731
     full = plan_for_budget(model, adamw, loss, 10**12, candidates=[Candidate(0.0)])
