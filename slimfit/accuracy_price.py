@@ -35,13 +35,14 @@ class Price:
 #: Full fine-tuning (rate 0, no compression) is the reference: price 0.
 MEASURED: dict[tuple[float, bool], Price] = {
     (0.9, True): Price(gap=-0.083, runs=3, arm="slimfit", task="all"),
+    (0.9, False): Price(gap=-1.00, runs=1, arm="slimfit-nocompress", task="movie"),
 }
 
 
-def _curve(points: list[tuple[float, float]], rate: float) -> float:
-    """Piecewise-linear price through ``(0, 0)`` and ``points``, never falling as
-    the rate grows, the last slope extended beyond the last point."""
-    pts = [(0.0, 0.0)] + sorted(pt for pt in points if pt[0] > 0)
+def _curve(points: list[tuple[float, float]], rate: float, origin: float = 0.0) -> float:
+    """Piecewise-linear price through ``(0, origin)`` and ``points``, never
+    falling as the rate grows, the last slope extended beyond the last point."""
+    pts = [(0.0, origin)] + sorted(pt for pt in points if pt[0] > 0)
     for i in range(1, len(pts)):  # more freezing never priced cheaper (seed noise aside)
         pts[i] = (pts[i][0], min(pts[i][1], pts[i - 1][1]))
     i = bisect.bisect_right([r for r, _ in pts], rate)
@@ -65,26 +66,25 @@ def expected_price(freeze_rate: float, compression: bool) -> tuple[float, str]:
     """Expected accuracy price (points) of freezing at ``freeze_rate`` with or
     without compression, and a note on where the figure comes from.
 
-    Price = freezing's price at the rate + compression's own price (if on).
-    Freezing's price is interpolated linearly from full fine-tuning (0 at
-    rate 0) through the measured rates without compression; where only
-    compressed runs exist, their price stands in (an upper bound on
-    freezing's). Beyond the highest measured rate the last slope is extended,
-    and prices never fall as the rate grows (a lower measured price at a
-    higher rate is seed noise), so the figure errs on the side of a larger
-    price. Compression's own price is the mean paired difference at rates
-    measured both ways; until then it counts as 0 and the note says so.
+    Each setting's price is interpolated linearly through its own measured
+    rates, from full fine-tuning (0 at rate 0) without compression, from
+    compression alone's price with it; a setting with no measured rate uses
+    the other's points moved by compression's own price (the mean paired
+    difference at rates measured both ways, at most 0; 0 until measured, and
+    the note says so). Beyond the highest measured rate the last slope is
+    extended, and prices never fall as the rate grows (a lower measured
+    price at a higher rate is seed noise), so the figure errs on the side of
+    a larger price.
     """
     if freeze_rate == 0 and not compression:
         return 0.0, "exact"
     comp = compression_price()
-    plain = [(r, p.gap) for (r, c), p in MEASURED.items() if not c]
-    if plain:
-        freezing = _curve(plain, freeze_rate)
-    else:  # only compressed runs: their price bounds freezing's
-        freezing = _curve([(r, p.gap - (comp or 0.0)) for (r, _c), p in MEASURED.items()],
-                          freeze_rate)
-    gap = freezing + ((comp or 0.0) if compression else 0.0)
+    shift = comp or 0.0  # compression's own price, 0 until measured
+    own = [(r, p.gap) for (r, c), p in MEASURED.items() if c == compression]
+    if not own:  # the other setting's points, moved by compression's price
+        own = [(r, p.gap + (shift if compression else -shift)) for (r, _c), p in MEASURED.items()]
+    # with compression the curve starts at compression alone's price (rate 0)
+    gap = _curve(own, freeze_rate, origin=shift if compression else 0.0)
     measured = MEASURED.get((round(freeze_rate, 4), compression))
     if measured is not None:
         where = "all tasks" if measured.task == "all" else measured.task
