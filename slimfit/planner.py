@@ -6,7 +6,8 @@ the attention implementation, which layers are frozen and how well each kind
 compresses; one real step per candidate, counted by the ledger, is exact on
 any device. The one figure a single step cannot show, the steady-state
 optimizer state (every unit gets its state the first time it is trained), is
-extrapolated from the measured bytes of state per byte of trained parameters.
+extrapolated from the measured bytes of state per byte of trained parameters
+(``slimfit.calibration`` turns one measured step into the steady-state peak).
 
 Why accuracy first: freezing is the lossy step (the fidelity study prices it,
 ``slimfit.accuracy_price``); optimizer-state offload, weight streaming and
@@ -31,26 +32,21 @@ calibration batch: activations grow linearly with it, the rest does not.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
-import itertools
 import re
-import weakref
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from slimfit.accuracy_price import expected_price
+from slimfit.calibration import calibrate
 from slimfit.compress import CompressionConfig
 from slimfit.config import SlimFitConfig
 from slimfit.errors import SlimFitError
-from slimfit.freezer import LayerFreezer
-from slimfit.report import MemoryReport, format_bytes
+from slimfit.report import format_bytes
 from slimfit.session import SessionConfig, SlimFitSession
-from slimfit.storage import storage_identity
-from slimfit.stream import StreamConfig, WeightStreamer, default_stream_units
+from slimfit.stream import StreamConfig, default_stream_units
 
 __all__ = ["parse_budget", "Candidate", "Plan", "BudgetError", "default_candidates",
            "plan_for_budget", "optimizer_like"]
@@ -178,112 +174,6 @@ class Plan:
         return "\n".join(lines)
 
 
-@contextlib.contextmanager
-def _unit_inputs(model: nn.Module, units: Sequence, compressor=None) -> Iterator[list]:
-    """Record, per unit, ``(input storage, bytes)`` of the floating-point input
-    of the module that owns it: the dynamic activation its training adds (a
-    Linear saves its input for dW), at the width compression stores it
-    (``int8`` of fp32: a quarter). Q, K and V share one input storage."""
-    owner = {id(p): m for _, m in model.named_modules() for p in m.parameters(recurse=False)}
-    ratio: dict[int, float] = {}
-    for kind in ("ffn_down_input", "linear_input"):
-        tr = getattr(compressor.config, kind) if compressor is not None else None
-        for _, m in (compressor.targets.get(kind, []) if tr is not None and tr.bits else []):
-            ratio[id(m)] = tr.bits / 32
-    by_module: dict[int, tuple[nn.Module, list[int]]] = {}
-    for i, u in enumerate(units):
-        for p in u.params:
-            by_module.setdefault(id(owner[id(p)]), (owner[id(p)], []))[1].append(i)
-    seen: list = [(None, 0)] * len(units)
-    # storage identity -> (weak reference to the tensor, unique id): an input not
-    # saved (its module frozen) is freed, and the allocator may hand its address
-    # to the next one; a dead reference means a new storage, not a shared one
-    live: dict = {}
-    fresh = itertools.count()
-
-    def ident(x):
-        key = storage_identity(x)
-        ref, uid = live.get(key, (None, None))
-        if ref is None or ref() is None:
-            uid = next(fresh)
-            live[key] = (weakref.ref(x), uid)
-        return uid
-
-    def pre(mod, args, idx):
-        x = next((a for a in args if torch.is_tensor(a) and a.is_floating_point()), None)
-        if x is not None:
-            b = int(x.numel() * x.element_size() * ratio.get(id(mod), 1.0))
-            uid = ident(x)
-            for i in idx:
-                seen[i] = (uid, max(seen[i][1], b))
-
-    handles = [m.register_forward_pre_hook(functools.partial(pre, idx=idx))
-               for m, idx in by_module.values()]
-    try:
-        yield seen
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _worst_dynamic(inputs: Sequence, frozen: Sequence[int], n_train: int) -> int:
-    """Bytes by which the dynamic activations of the worst trained set (the
-    n_train units with the largest inputs) may exceed the measured step's."""
-    def cost(idx):  # a shared input is saved once
-        return sum(dict(inputs[i] for i in idx).values())
-
-    fz = set(frozen)
-    worst = sorted(range(len(inputs)), key=lambda i: inputs[i][1], reverse=True)[:n_train]
-    return max(0, cost(worst) - cost([i for i in range(len(inputs)) if i not in fz]))
-
-
-def _expected(rep: MemoryReport, opt: torch.optim.Optimizer, freezer: LayerFreezer | None,
-              cand: Candidate, margin: float, streamer: WeightStreamer | None = None,
-              k: int | None = None, activations: int | None = None) -> dict[str, int]:
-    """Steady state from one calibration step, as upper bounds: gradients (and,
-    with offload, resident optimizer state) for the largest set of units a step
-    may train; optimizer state for every tensor once each has been trained;
-    ``activations`` (as measured, or at the planned batch, with what the worst
-    trained set may add; default: as measured), plus ``margin``; with weight
-    streaming, the weights outside the streamed blocks, plus the k largest
-    blocks whole, plus the largest trainable set (it stays resident)."""
-    nbytes = lambda ps: sum(p.numel() * p.element_size() for p in ps)  # noqa: E731
-    in_opt = [p for g in opt.param_groups for p in g["params"]]
-    with_state = [p for p in in_opt if opt.state.get(p)]
-    per_byte = (rep.optimizer_state + rep.offloaded_optimizer_state) / max(nbytes(with_state), 1)
-    all_bytes = nbytes(in_opt)
-    if freezer is None:
-        trainable = all_bytes
-    else:
-        n_train = len(freezer.units) - freezer.num_frozen
-        unit_bytes = sorted((nbytes(u.params) for u in freezer.units), reverse=True)
-        trainable = all_bytes - sum(unit_bytes) + sum(unit_bytes[:n_train])
-    resident = trainable if cand.offload_optimizer_state else all_bytes
-    grads = trainable  # gradients have their parameters' size
-    acts = 0 if cand.offload_activations else \
-        int((rep.activations if activations is None else activations) * (1 + margin))
-    opt_bytes = int(per_byte * resident)
-    params, host_params = rep.parameters, 0
-    if streamer is not None and freezer is not None:  # nothing frozen: nothing streamed out
-        streamed = {id(t.param): t.nbytes for u in streamer.units for t in u.tensors}
-        blocks = sorted((sum(t.nbytes for t in u.tensors) for u in streamer.units), reverse=True)
-        outside = rep.parameters - streamer.peak_resident_bytes  # never streamed
-        units = freezer.units if freezer is not None else ()
-        candidates = {id(p) for u in units for p in u.params}
-        # block tensors that always train (biases, ...) stay resident; so do the
-        # largest set of candidate tensors a step may train
-        always = sum(b for pid, b in streamed.items() if pid not in candidates)
-        trained = sorted((sum(streamed.get(id(p), 0) for p in u.params) for u in units),
-                         reverse=True)[:len(units) - (freezer.num_frozen if freezer else 0)]
-        params = min(outside + sum(streamed.values()),  # never above no streaming
-                     outside + sum(blocks[:k]) + always + sum(trained))
-        host_params = streamer.host_bytes()
-    return {"parameters": params, "gradients": grads, "optimizer_state": opt_bytes,
-            "activations": acts, "total": params + grads + opt_bytes + acts,
-            "host_optimizer_state": int(per_byte * (all_bytes - resident)),
-            "host_parameters": host_params}
-
-
 def _has_stream_units(model: nn.Module, stream: StreamConfig | None) -> bool:
     """Weight streaming can be offered: the user named units, or the model has a
     list of repeated blocks to stream."""
@@ -353,22 +243,23 @@ def plan_for_budget(model: nn.Module, make_optimizer: Callable[[list], torch.opt
     cuda = torch.cuda.is_available() if cuda is None else cuda
     saved = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     tried: list[tuple[str, int]] = []
-
     measured: dict[Candidate, dict] = {}
 
     def evaluate(cand: Candidate) -> tuple[int | None, dict] | None:
-        """(k, expected) of ``cand`` if it fits, else None; recorded in ``tried``."""
-        if cand in measured:  # each candidate is calibrated once
-            by_k = measured[cand]
-            fits = [k for k, e in by_k.items() if e["total"] <= budget_b]
-            return (max(fits), by_k[max(fits)]) if fits else None
-        by_k = measured[cand] = _calibrate(model, make_optimizer, loss_fn, cand, base,
-                                           activation_margin, activation_scale, small_batch)
-        model.load_state_dict(saved)
+        """(k, expected) of ``cand`` if it fits, else None; each candidate is
+        calibrated once and recorded in ``tried``."""
+        fresh = cand not in measured
+        if fresh:
+            measured[cand] = calibrate(model, make_optimizer, loss_fn,
+                                       cand.session_config(base, resident=2),
+                                       activation_margin, activation_scale, small_batch)
+            model.load_state_dict(saved)
+        by_k = measured[cand]
         fits = [k for k, e in by_k.items() if e["total"] <= budget_b]
         k = max(fits) if fits else min(by_k)  # more blocks resident: fewer transfers
-        tried.append((cand.label() + (f" (k={k})" if cand.stream_weights else ""),
-                      by_k[k]["total"]))
+        if fresh:
+            tried.append((cand.label() + (f" (k={k})" if cand.stream_weights else ""),
+                          by_k[k]["total"]))
         return (k, by_k[k]) if fits else None
 
     def plan(cand: Candidate, found: tuple[int | None, dict]) -> Plan:
@@ -458,38 +349,6 @@ def _search(evaluate, plan, model, base: SessionConfig, max_rate: float, stream:
         if found is not None:
             return plan(cand, found)
     return None  # unreachable: the last ladder fitted during the bisection
-
-
-def _calibrate(model, make_optimizer, loss_fn, cand: Candidate, base: SessionConfig,
-               margin: float, scale: float = 1.0,
-               small_batch: tuple[Callable, float] | None = None) -> dict[int | None, dict]:
-    """Expected peaks of ``cand``: ``{None: ...}``, or ``{k: ...}`` for every k
-    (blocks resident) when it streams weights (one step measured at k=2, k'=1)."""
-    opt = make_optimizer([p for p in model.parameters() if p.requires_grad])
-    session = SlimFitSession(model, cand.session_config(base, resident=2))
-    try:
-        frozen = session.start(opt).decide()
-        with _unit_inputs(model, session.units, session.compressor) as inputs:
-            rep = session.step(loss_fn, measure=True, frozen=frozen)
-        freezer = session.freezer if cand.freeze_rate > 0 else None
-        extra = _worst_dynamic(inputs, frozen, len(session.units) - len(frozen)) \
-            if freezer is not None else 0
-        # activations at the planned batch: proportional (an upper bound), or on
-        # the line through this batch and a smaller one (same frozen set); the
-        # worst trained set's extra inputs are proportional to the batch
-        acts = rep.activations * scale
-        if small_batch is not None and scale != 1:
-            small = session.step(small_batch[0], measure=True, frozen=frozen).activations
-            per_batch = (rep.activations - small) / (1 - small_batch[1])
-            acts = rep.activations + per_batch * (scale - 1)
-        acts = int(acts + extra * scale)
-        if session.streamer is None:
-            return {None: _expected(rep, opt, freezer, cand, margin, activations=acts)}
-        return {k: _expected(rep, opt, freezer, cand, margin, session.streamer, k, acts)
-                for k in range(1, len(session.streamer.units) + 1)}
-    finally:
-        session.stop()
-        opt.state.clear()
 
 
 def optimizer_like(optimizer: torch.optim.Optimizer) -> Callable[[list], torch.optim.Optimizer]:

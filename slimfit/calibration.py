@@ -1,0 +1,176 @@
+"""Calibration for the budget planner: one measured step of a session and the
+steady-state peak it implies.
+
+Why a module of its own: the planner (``slimfit.planner``) decides which
+configurations to try and in what order; this module answers, for one
+configuration, "what will the peak be once training runs for long", from
+one step the ledger counts. A single step cannot show three things, each
+bounded here: the optimizer state of units not yet trained (extrapolated
+from the measured bytes of state per byte of trained parameters), the
+trained set of a later step (gradients, resident state and dynamic
+activations for the largest units a step may train), and, for a larger
+batch than the calibration batch, the activations (linear in the batch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import weakref
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from slimfit.freezer import LayerFreezer
+from slimfit.report import MemoryReport
+from slimfit.session import SessionConfig, SlimFitSession
+from slimfit.storage import storage_identity
+from slimfit.stream import WeightStreamer
+
+__all__ = ["calibrate"]
+
+
+@contextlib.contextmanager
+def _unit_inputs(model: nn.Module, units: Sequence, compressor=None) -> Iterator[list]:
+    """Record, per unit, ``(input storage, bytes)`` of the floating-point input
+    of the module that owns it: the dynamic activation its training adds (a
+    Linear saves its input for dW), at the width compression stores it
+    (``int8`` of fp32: a quarter). Q, K and V share one input storage."""
+    owner = {id(p): m for _, m in model.named_modules() for p in m.parameters(recurse=False)}
+    ratio: dict[int, float] = {}
+    for kind in ("ffn_down_input", "linear_input"):
+        tr = getattr(compressor.config, kind) if compressor is not None else None
+        for _, m in (compressor.targets.get(kind, []) if tr is not None and tr.bits else []):
+            ratio[id(m)] = tr.bits / 32
+    by_module: dict[int, tuple[nn.Module, list[int]]] = {}
+    for i, u in enumerate(units):
+        for p in u.params:
+            by_module.setdefault(id(owner[id(p)]), (owner[id(p)], []))[1].append(i)
+    seen: list = [(None, 0)] * len(units)
+    # storage identity -> (weak reference to the tensor, unique id): an input not
+    # saved (its module frozen) is freed, and the allocator may hand its address
+    # to the next one; a dead reference means a new storage, not a shared one
+    live: dict = {}
+    fresh = itertools.count()
+
+    def ident(x):
+        key = storage_identity(x)
+        ref, uid = live.get(key, (None, None))
+        if ref is None or ref() is None:
+            uid = next(fresh)
+            live[key] = (weakref.ref(x), uid)
+        return uid
+
+    def pre(mod, args, idx):
+        x = next((a for a in args if torch.is_tensor(a) and a.is_floating_point()), None)
+        if x is not None:
+            b = int(x.numel() * x.element_size() * ratio.get(id(mod), 1.0))
+            uid = ident(x)
+            for i in idx:
+                seen[i] = (uid, max(seen[i][1], b))
+
+    handles = [m.register_forward_pre_hook(functools.partial(pre, idx=idx))
+               for m, idx in by_module.values()]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _worst_dynamic(inputs: Sequence, frozen: Sequence[int], n_train: int) -> int:
+    """Bytes by which the dynamic activations of the worst trained set (the
+    n_train units with the largest inputs) may exceed the measured step's."""
+    def cost(idx):  # a shared input is saved once
+        return sum(dict(inputs[i] for i in idx).values())
+
+    fz = set(frozen)
+    worst = sorted(range(len(inputs)), key=lambda i: inputs[i][1], reverse=True)[:n_train]
+    return max(0, cost(worst) - cost([i for i in range(len(inputs)) if i not in fz]))
+
+
+def _expected(rep: MemoryReport, opt: torch.optim.Optimizer, freezer: LayerFreezer | None,
+              config: SessionConfig, margin: float, streamer: WeightStreamer | None = None,
+              k: int | None = None, activations: int | None = None) -> dict[str, int]:
+    """Steady state from one calibration step, as upper bounds: gradients (and,
+    with offload, resident optimizer state) for the largest set of units a step
+    may train; optimizer state for every tensor once each has been trained;
+    ``activations`` (as measured, or at the planned batch, with what the worst
+    trained set may add; default: as measured), plus ``margin``; with weight
+    streaming, the weights outside the streamed blocks, plus the k largest
+    blocks whole, plus the largest trainable set (it stays resident)."""
+    nbytes = lambda ps: sum(p.numel() * p.element_size() for p in ps)  # noqa: E731
+    in_opt = [p for g in opt.param_groups for p in g["params"]]
+    with_state = [p for p in in_opt if opt.state.get(p)]
+    per_byte = (rep.optimizer_state + rep.offloaded_optimizer_state) / max(nbytes(with_state), 1)
+    all_bytes = nbytes(in_opt)
+    if freezer is None:
+        trainable = all_bytes
+    else:
+        n_train = len(freezer.units) - freezer.num_frozen
+        unit_bytes = sorted((nbytes(u.params) for u in freezer.units), reverse=True)
+        trainable = all_bytes - sum(unit_bytes) + sum(unit_bytes[:n_train])
+    resident = trainable if config.offload_optimizer_state else all_bytes
+    grads = trainable  # gradients have their parameters' size
+    acts = 0 if config.offload_activations else \
+        int((rep.activations if activations is None else activations) * (1 + margin))
+    opt_bytes = int(per_byte * resident)
+    params, host_params = rep.parameters, 0
+    if streamer is not None and freezer is not None:  # nothing frozen: nothing streamed out
+        streamed = {id(t.param): t.nbytes for u in streamer.units for t in u.tensors}
+        blocks = sorted((sum(t.nbytes for t in u.tensors) for u in streamer.units), reverse=True)
+        outside = rep.parameters - streamer.peak_resident_bytes  # never streamed
+        units = freezer.units
+        candidates = {id(p) for u in units for p in u.params}
+        # block tensors that always train (biases, ...) stay resident; so do the
+        # largest set of candidate tensors a step may train
+        always = sum(b for pid, b in streamed.items() if pid not in candidates)
+        trained = sorted((sum(streamed.get(id(p), 0) for p in u.params) for u in units),
+                         reverse=True)[:len(units) - freezer.num_frozen]
+        params = min(outside + sum(streamed.values()),  # never above no streaming
+                     outside + sum(blocks[:k]) + always + sum(trained))
+        host_params = streamer.host_bytes()
+    return {"parameters": params, "gradients": grads, "optimizer_state": opt_bytes,
+            "activations": acts, "total": params + grads + opt_bytes + acts,
+            "host_optimizer_state": int(per_byte * (all_bytes - resident)),
+            "host_parameters": host_params}
+
+
+def calibrate(model: nn.Module, make_optimizer: Callable[[list], torch.optim.Optimizer],
+              loss_fn: Callable[[], torch.Tensor], config: SessionConfig, margin: float,
+              scale: float = 1.0, small_batch: tuple[Callable, float] | None = None
+              ) -> dict[int | None, dict[str, int]]:
+    """Expected steady-state peaks of a session built from ``config``:
+    ``{None: ...}``, or ``{k: ...}`` for every k (blocks resident) when it
+    streams weights (one step measured at the config's k). ``margin``,
+    ``scale`` and ``small_batch`` are :func:`slimfit.planner.plan_for_budget`'s
+    ``activation_margin``, ``activation_scale`` and ``small_batch``. The model's
+    weights move (one optimizer step): the caller restores them."""
+    opt = make_optimizer([p for p in model.parameters() if p.requires_grad])
+    session = SlimFitSession(model, config)
+    try:
+        frozen = session.start(opt).decide()
+        with _unit_inputs(model, session.units, session.compressor) as inputs:
+            rep = session.step(loss_fn, measure=True, frozen=frozen)
+        freezes = config.freezing is not None and config.freezing.freeze_rate > 0
+        freezer = session.freezer if freezes else None
+        extra = _worst_dynamic(inputs, frozen, len(session.units) - len(frozen)) \
+            if freezer is not None else 0
+        # activations at the planned batch: proportional (an upper bound), or on
+        # the line through this batch and a smaller one (same frozen set); the
+        # worst trained set's extra inputs are proportional to the batch
+        acts = rep.activations * scale
+        if small_batch is not None and scale != 1:
+            small = session.step(small_batch[0], measure=True, frozen=frozen).activations
+            per_batch = (rep.activations - small) / (1 - small_batch[1])
+            acts = rep.activations + per_batch * (scale - 1)
+        acts = int(acts + extra * scale)
+        if session.streamer is None:
+            return {None: _expected(rep, opt, freezer, config, margin, activations=acts)}
+        return {k: _expected(rep, opt, freezer, config, margin, session.streamer, k, acts)
+                for k in range(1, len(session.streamer.units) + 1)}
+    finally:
+        session.stop()
+        opt.state.clear()
