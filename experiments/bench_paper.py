@@ -78,18 +78,13 @@ def plan_table(sc: Scenario, small: int, batch: int, target: int, budgets: list[
         case = build_case(sc.model, batch, sc.seq_len, sc.image_size, precision=precision,
                           attention_dropout=attention_dropout)
         adamw = lambda ps: torch.optim.AdamW(ps, lr=5e-5)  # noqa: E731
-        small_batch = case_batch(sc.model, small, sc.seq_len, sc.image_size, seed=case.seed)
-
-        def small_loss(case=case, small_batch=small_batch):
-            full, case.batch = case.batch, small_batch
-            try:
-                return case.loss()
-            finally:
-                case.batch = full
+        # the same model at the small batch: a second Case sharing it
+        at_small = dataclasses.replace(case, batch=case_batch(
+            sc.model, small, sc.seq_len, sc.image_size, seed=case.seed))
         try:
             plan = plan_for_budget(case.model, adamw, case.loss, budget,
                                    activation_scale=target / batch,
-                                   small_batch=(small_loss, small / batch))
+                                   small_batch=(at_small.loss, small / batch))
         except BudgetError as err:
             lines.append(f"| {budget} | does not fit: {err} | | | | | | | |")
             continue

@@ -94,15 +94,13 @@ def _sync():
 
 def run_arm(args, model_name, bs, arm, full_peak):
     method = ARM_METHOD.get(arm, Method(name=arm))
+    # bf16 autocast by default (Case.loss): how a GPU user fine-tunes
     case = build_case(model_name, 2, args.seq_len, args.image_size, device=DEVICE,
-                      attn="eager" if arm == "full-eager" else "sdpa")
+                      attn="eager" if arm == "full-eager" else "sdpa", precision=args.precision)
     case.model = method.apply(case.model)
     opt = make_optimizer(method.optimizer, case.model)
     plan_txt = ""
-
-    def loss():  # bf16 autocast by default: how a GPU user fine-tunes
-        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-            return case.loss()
+    loss = case.loss
 
     if arm == "planner":
         case.rebatch(bs)
