@@ -206,15 +206,14 @@ def main(argv=None) -> None:
     done = _done()
     queue = _runs(args.groups)
     if args.only:
-        known = {r[0]: r for r in _runs(list(GROUPS))}
+        queue = []
         for run_id in args.only:
             task, arm, seed = (run_id.split("/") + ["", "", ""])[:3]
             seed = seed.removeprefix("seed")
             if task not in TASKS or arm not in ARMS or not seed.isdigit():
                 raise SystemExit(f"--only: unknown run id {run_id!r}; expected task/arm/seedN with "
                                  f"task in {sorted(TASKS)} and arm in {sorted(ARMS)}")
-            known.setdefault(run_id, (run_id, task, arm, int(seed), ARMS[arm]))
-        queue = [known[r] for r in args.only]
+            queue.append((run_id, task, arm, int(seed), ARMS[arm]))
     pending = [r for r in queue if r[0] not in done]
     for run_id, *_ in pending if args.list else ():
         print(run_id)
