@@ -44,8 +44,9 @@ from slimfit.calibration import calibrate
 from slimfit.compress import CompressionConfig
 from slimfit.config import SlimFitConfig
 from slimfit.errors import SlimFitError
+from slimfit.freezer import LayerFreezer
 from slimfit.report import format_bytes
-from slimfit.session import SessionConfig, SlimFitSession
+from slimfit.session import SessionConfig
 from slimfit.stream import StreamConfig, default_stream_units
 
 __all__ = ["parse_budget", "Candidate", "Plan", "BudgetError", "default_candidates",
@@ -300,12 +301,10 @@ def _search(evaluate, plan, model, base: SessionConfig, max_rate: float, stream:
         alone = Candidate(0.0, compression=True)
         found = evaluate(alone)
         return plan(alone, found) if found is not None else None
-    n_units = len(SlimFitSession(model, dataclasses.replace(
-        base, compression=None, offload_optimizer_state=False, offload_activations=False,
-        stream=None)).units)
+    n_units = len(LayerFreezer(model, base.freezing).units)  # the user's candidates
     k_max = int(max_rate * n_units)  # frozen units at the highest rate allowed
-    # exact techniques, fastest first; the last is the most capable. The first
-    # two act on frozen units only (nothing to offload or stream at rate 0)
+    # exact techniques, fastest first; the last is the most capable (offload and
+    # streaming act on frozen units only: nothing to move at rate 0)
     ladders = [{}, dict(offload_optimizer_state=True)]
     if stream:
         ladders.append(dict(ladders[-1], stream_weights=True))
