@@ -9,6 +9,8 @@ Examples:
     python experiments/bench_compression.py --model bert-base --fidelity --batch-sizes 8
     python -m slimfit.experiments.bench_compression --model bert-base --batch-sizes 8 32 \
         --extrapolate 128 --arms full slimfit+compress +offload +stream
+    python -m slimfit.experiments.bench_compression --model vit-b16 --batch-sizes 2 4 8 \
+        --extrapolate 128 --arms full slimfit+compress +offload +stream --linear-input int8
 
 Each arm uses a fresh model (same seed), loaded with SDPA attention as
 transformers and timm do by default (``--attn eager`` for the eager model,
@@ -81,16 +83,21 @@ def main(argv=None):
     ap.add_argument("--timed-steps", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"],
-                    help="sdpa: as transformers/timm load models by default (compression leaves "
-                         "fused attention alone); eager: stores the probabilities, compressed")
+                    help="sdpa: as transformers/timm load models by default (compression "
+                         "saves q, k, v int8 and recomputes attention in backward); eager: the "
+                         "model stores the probabilities, compressed")
     ap.add_argument("--layernorm", default="int8", choices=["int8", "topk", "none"])
     ap.add_argument("--gelu-bits", default="int4", choices=["int4", "int8"])
+    ap.add_argument("--linear-input", default="none", choices=["none", "int8"],
+                    help="inputs saved by trained Linears other than the FFN down-projection "
+                         "(dynamic activations): kept (default) or int8 per token")
     ap.add_argument("--fidelity", action="store_true")
     ap.add_argument("--arms", nargs="+", default=["full", "slimfit", "slimfit+compress"],
                     choices=ARMS, help="'full' is required (ratios are against it)")
     args = ap.parse_args(argv)
     cfg = CompressionConfig(layernorm=Treatment(method=args.layernorm),
-                            gelu=Treatment(method=args.gelu_bits, group_size=64))
+                            gelu=Treatment(method=args.gelu_bits, group_size=64),
+                            linear_input=Treatment(method=args.linear_input))
     if args.fidelity:
         fidelity(args, cfg)
         return
@@ -101,7 +108,7 @@ def main(argv=None):
     runs = [run_arm(args, arm, args.batch_sizes, cfg) for arm in ["full", *arms]]
     print(f"\n## {runs[0].describe}, AdamW, SlimFit r={args.freeze_rate}; compression: attention "
           f"int8, GELU {args.gelu_bits} (groups of 64), LayerNorm {args.layernorm}, FFN down input "
-          "int8, dropout masks bit-packed\n")
+          f"int8, other Linear inputs {args.linear_input}, dropout masks bit-packed\n")
     print("\n".join(f"- {n}" for r in runs for n in r.notes) + "\n")
     print(memory_table(runs, args.batch_sizes))
     if args.extrapolate and len(args.batch_sizes) >= 2:

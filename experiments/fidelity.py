@@ -50,6 +50,8 @@ ARMS: dict[str, list[str]] = {
     "slimfit-paper-eager": ["slimfit=r090_compress", "+slimfit.train_new_heads=false",
                             "+slimfit.trained_lr_scale=1.0", "model.attn_implementation=eager"],
     "slimfit-nocompress": ["slimfit=r090"],
+    # every trained Linear's input int8 too (dynamic activations; default: kept)
+    "slimfit-int8-linear": ["slimfit=r090_compress", "slimfit.compression.linear_input=int8"],
     # a peer at the same budget: PEFT LoRA r=8 (its method file sets lr 5e-4)
     "lora": ["slimfit=full", "method=lora"],
     # the paper's step size for trained units (the default before trained_lr_scale="auto")
@@ -74,7 +76,8 @@ for _name, _budget in (("0.2ep", ["trainer.max_epochs=-1", "trainer.max_steps=53
     ARMS[f"full-{_name}"] = ["slimfit=full", *_budget]
     ARMS[f"slimfit-{_name}"] = ["slimfit=r090_compress", *_budget]
 
-ABLATIONS = ("slimfit-head-candidate", "slimfit-nocompress", "slimfit-lrscale1", "slimfit-update_norm", "slimfit-grad_norm",
+ABLATIONS = ("slimfit-head-candidate", "slimfit-nocompress", "slimfit-int8-linear",
+             "slimfit-lrscale1", "slimfit-update_norm", "slimfit-grad_norm",
              "slimfit-decay0.99", "slimfit-age20", "slimfit-sample", "slimfit-reserve0.25",
              "slimfit-nowarmup", "full-nowarmup")
 

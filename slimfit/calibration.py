@@ -34,10 +34,13 @@ __all__ = ["calibrate"]
 
 @contextlib.contextmanager
 def _unit_inputs(model: nn.Module, units: Sequence, compressor=None) -> Iterator[list]:
-    """Record, per unit, ``(input storage, bytes)`` of the floating-point input
-    of the module that owns it: the dynamic activation its training adds (a
-    Linear saves its input for dW), at the width compression stores it
-    (``int8`` of fp32: a quarter). Q, K and V share one input storage."""
+    """Record, per unit, ``(input storage, bytes, linear)`` of the floating-point
+    input of the module that owns it: the dynamic activation its training may
+    add, at the width compression stores it (``int8`` of fp32: a quarter). Q,
+    K and V share one input storage. ``linear``: the owner is an
+    ``nn.Linear``, which saves its input for dW alone, so the input is surely
+    dynamic; a LayerNorm saves its input whether its weight trains or not, a
+    convolution whenever its bias trains."""
     owner = {id(p): m for _, m in model.named_modules() for p in m.parameters(recurse=False)}
     ratio: dict[int, float] = {}
     for kind in ("ffn_down_input", "linear_input"):
@@ -48,7 +51,7 @@ def _unit_inputs(model: nn.Module, units: Sequence, compressor=None) -> Iterator
     for i, u in enumerate(units):
         for p in u.params:
             by_module.setdefault(id(owner[id(p)]), (owner[id(p)], []))[1].append(i)
-    seen: list = [(None, 0)] * len(units)
+    seen: list = [(None, 0, False)] * len(units)
     # storage identity -> (weak reference to the tensor, unique id): an input not
     # saved (its module frozen) is freed, and the allocator may hand its address
     # to the next one; a dead reference means a new storage, not a shared one
@@ -69,7 +72,7 @@ def _unit_inputs(model: nn.Module, units: Sequence, compressor=None) -> Iterator
             b = int(x.numel() * x.element_size() * ratio.get(id(mod), 1.0))
             uid = ident(x)
             for i in idx:
-                seen[i] = (uid, max(seen[i][1], b))
+                seen[i] = (uid, max(seen[i][1], b), isinstance(mod, nn.Linear))
 
     handles = [m.register_forward_pre_hook(functools.partial(pre, idx=idx))
                for m, idx in by_module.values()]
@@ -81,14 +84,25 @@ def _unit_inputs(model: nn.Module, units: Sequence, compressor=None) -> Iterator
 
 
 def _worst_dynamic(inputs: Sequence, frozen: Sequence[int], n_train: int) -> int:
-    """Bytes by which the dynamic activations of the worst trained set (the
-    n_train units with the largest inputs) may exceed the measured step's."""
-    def cost(idx):  # a shared input is saved once
-        return sum(dict(inputs[i] for i in idx).values())
+    """Bytes by which the dynamic activations of the worst trained set may
+    exceed the measured step's.
 
+    A shared input is saved once, so n_train units cost at most the n_train
+    largest *distinct* inputs (Q, K and V of one block share one; ranking
+    units by bytes alone would pick them together on a tie and count one
+    input where a step training one projection in each of three blocks saves
+    three). Every recorded input counts towards the worst set, but only the
+    Linears' towards the measured step's: a trained LayerNorm or embedding
+    added nothing to it, and subtracting its input would make the bound too
+    low."""
     fz = set(frozen)
-    worst = sorted(range(len(inputs)), key=lambda i: inputs[i][1], reverse=True)[:n_train]
-    return max(0, cost(worst) - cost([i for i in range(len(inputs)) if i not in fz]))
+    measured = {uid: b for i, (uid, b, linear) in enumerate(inputs) if linear and i not in fz}
+    largest: dict = {}  # input -> the most any unit sharing it records
+    for uid, b, _ in inputs:
+        if b:
+            largest[uid] = max(largest.get(uid, 0), b)
+    worst = sum(sorted(largest.values(), reverse=True)[:n_train])
+    return max(0, worst - sum(measured.values()))
 
 
 def _expected(rep: MemoryReport, opt: torch.optim.Optimizer, freezer: LayerFreezer | None,

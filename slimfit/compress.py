@@ -15,7 +15,9 @@ state dict are untouched. Modules are found by type; every kind can also be
 given explicit module-name patterns.
 
 Rules inside a scope: parameters (and views of them) and small tensors pass
-through unchanged; dropout masks (bool, or on CPU floats {0, 1/(1-p)}, checked
+through unchanged (a narrow view of a large storage, such as the ``[CLS]``
+row a classifier saves, as a copy: the base is then not kept alive for it);
+dropout masks (bool, or on CPU floats {0, 1/(1-p)}, checked
 to be exactly two-valued) are bit-packed losslessly; other floating tensors
 get the kind's treatment. The innermost scope wins (a Linear
 inside an attention block uses the Linear's rule), and each scope forwards
@@ -68,6 +70,29 @@ class _Packed:
         self.kind, self.meta, self.pieces = kind, meta, pieces
 
 
+#: a saved view is copied when its storage is at least this many times larger
+_NARROW = 4
+#: ... and at least this many bytes larger (smaller bases are not worth a copy)
+_NARROW_MIN_BYTES = 64 * 1024
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a copy of it if it is a narrow view of a large storage.
+
+    A view saved for backward keeps its whole base alive: the ``[CLS]`` row
+    ``h[:, 0]`` that a pooler or classifier saves holds the full sequence
+    output (ViT-B/16: 197 rows for 1, 0.58 MiB per example in fp32). A copy of
+    the view costs the view's bytes, once; the base is then freed after the
+    forward unless something else holds it (at most a quarter of it extra, if
+    it does). Exact: the same values are restored.
+    """
+    view = t.numel() * t.element_size()
+    base = t.untyped_storage().nbytes()
+    if base >= _NARROW * view and base - view >= _NARROW_MIN_BYTES:
+        return t.detach().clone()
+    return t
+
+
 class _Scope(ScopedHooks):
     """Pack/unpack pair of one kind; pushed while a module of that kind runs.
     An attention scope also enters a torch-function mode (``mode``) that
@@ -97,14 +122,14 @@ class _Scope(ScopedHooks):
     def pack(self, t: torch.Tensor) -> Any:
         c = self.compressor
         storage = storage_identity(t)
-        if storage in c._param_storages or is_parameter_or_view(t) or t.numel() < c.config.min_numel:
+        if storage in c._param_storages or is_parameter_or_view(t):
             return ("raw", self.pack_outer(t))
         key = (storage, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t._version)
         hit = self._cache.get(key, (None,))[0]
         if hit is None:
-            hit = self._compress(t)
+            hit = self._compress(t) if t.numel() >= c.config.min_numel else None
             if hit is None:
-                return ("raw", self.pack_outer(t))
+                hit = ("raw", self.pack_outer(_compact(t)))
             self._cache[key] = (hit, t)
         return hit
 

@@ -2,6 +2,8 @@
 real memory savings on the ledger, and clear refusals."""
 
 
+import contextlib
+
 import pytest
 import torch
 from torch.nn.functional import cosine_similarity
@@ -155,3 +157,38 @@ def test_model_with_a_compiled_submodule_is_refused(compile_part, name):
     with pytest.raises(SlimFitError, match=f"torch.compile'd submodule\\(s\\) {name}: activation "
                                            "compression uses saved-tensor hooks"):
         ActivationCompressor(compile_part(hf_bert()))
+
+
+class _ClsHead(torch.nn.Module):
+    """Encoder output -> classifier on the first token, as ViT and BERT heads do:
+    the Linear saves the view ``h[:, 0]`` of the whole sequence output."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Linear(32, 32)
+        self.norm = torch.nn.LayerNorm(32)
+        self.head = torch.nn.Linear(32, 3)
+
+    def forward(self, x):
+        return self.head(self.norm(self.body(x))[:, 0])
+
+
+def test_narrow_view_saved_as_a_copy_frees_its_base_exactly():
+    torch.manual_seed(0)
+    model = _ClsHead()
+    model.body.weight.requires_grad_(False)
+    model.norm.weight.requires_grad_(False)
+    x = torch.randn(4, 512, 32)  # the sequence output is 4 x 512 x 32 fp32 = 256 KiB
+
+    def run(comp):
+        model.zero_grad(set_to_none=True)
+        with SavedTensorTracker(model) as tr, comp:
+            model(x).square().sum().backward()
+        return model.head.weight.grad.clone(), tr.peak_by_module.get("head", 0)
+
+    off = CompressionConfig(attention="none", gelu="none", layernorm="none", ffn_down_input="none")
+    exact, head_before = run(contextlib.nullcontext())
+    compact, head_after = run(ActivationCompressor(model, off))
+    assert torch.equal(exact, compact)          # exact: the same values restored
+    assert head_before == 4 * 512 * 32 * 4      # the whole base, for 4 rows of it
+    assert head_after == 4 * 32 * 4             # the rows alone

@@ -232,3 +232,16 @@ def test_activation_scale_plans_for_a_larger_batch():
         plan_for_budget(model, adamw, lambda: model(**small).loss, "1GiB", activation_scale=0)
     with pytest.raises(BudgetError, match=r"max_freeze_rate must be in \[0, 1\)"):
         plan_for_budget(model, adamw, lambda: model(**small).loss, "1GiB", max_freeze_rate=1.0)
+
+
+def test_worst_trained_set_counts_distinct_inputs_and_only_linears_as_measured():
+    from slimfit.calibration import _worst_dynamic
+    # units: q, k, v of block 0 share input 0; fc1 of blocks 0-1 (inputs 1, 2);
+    # a LayerNorm (input 3, saved whether or not its weight trains)
+    inputs = [(0, 100, True), (0, 100, True), (0, 100, True), (1, 100, True), (2, 100, True),
+              (3, 100, False)]
+    # three units train: the worst set saves three distinct inputs (300), not
+    # q, k, v together (100) as a ranking by bytes alone would pick on the tie
+    assert _worst_dynamic(inputs, frozen=[0, 1, 2], n_train=3) == 300 - 200
+    # the measured step trained q and the LayerNorm: only q's input was surely saved
+    assert _worst_dynamic(inputs, frozen=[1, 2, 3, 4], n_train=2) == 200 - 100
