@@ -54,6 +54,8 @@ ARMS: dict[str, list[str]] = {
     "slimfit-int8-linear": ["slimfit=r090_compress", "slimfit.compression.linear_input=int8"],
     # a peer at the same budget: PEFT LoRA r=8 (its method file sets lr 5e-4)
     "lora": ["slimfit=full", "method=lora"],
+    # a peer: full fine-tuning with bitsandbytes AdamW8bit (block-quantized state)
+    "full-8bit": ["slimfit=full", "method=full_8bit"],
     # the paper's step size for trained units (the default before trained_lr_scale="auto")
     "slimfit-lrscale1": ["slimfit=r090_compress", "+slimfit.trained_lr_scale=1.0"],
     "slimfit-update_norm": ["slimfit=r090_compress", "+slimfit.score=update_norm"],
@@ -90,7 +92,7 @@ GROUPS = {
     "lr": (("movie",), tuple(a for a in ARMS if "@lr" in a), (0, 1)),
     "rate": (("movie",), ("slimfit-r0.5", "slimfit-r0.8", "slimfit-r0.95"), (0, 1)),
     "short": (tuple(TASKS), ("full-0.2ep", "slimfit-0.2ep", "full-1ep", "slimfit-1ep"), SEEDS),
-    "peers": (("movie",), ("lora",), SEEDS),
+    "peers": (("movie",), ("lora", "full-8bit"), SEEDS),
 }
 
 
