@@ -32,6 +32,11 @@ from slimfit.stream import WeightStreamer
 __all__ = ["calibrate"]
 
 
+#: modules whose native backward saves the input for the bias gradient too
+_SAVES_INPUT_FOR_BIAS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm,
+                         nn.modules.conv._ConvNd)
+
+
 @contextlib.contextmanager
 def _unit_inputs(model: nn.Module, units: Sequence, compressor=None) -> Iterator[list]:
     """Record, per unit, ``(input storage, bytes, linear)`` of the floating-point
@@ -39,8 +44,10 @@ def _unit_inputs(model: nn.Module, units: Sequence, compressor=None) -> Iterator
     add, at the width compression stores it (``int8`` of fp32: a quarter). Q,
     K and V share one input storage. ``linear``: the owner is an
     ``nn.Linear``, which saves its input for dW alone, so the input is surely
-    dynamic; a LayerNorm saves its input whether its weight trains or not, a
-    convolution whenever its bias trains."""
+    dynamic. A native norm or convolution with a trainable bias saves its
+    input whether its weight trains or not (one backward formula serves
+    input, weight and bias): recorded as ``(None, 0, False)``, static. Other
+    owners are counted as if their input were dynamic (an upper bound)."""
     owner = {id(p): m for _, m in model.named_modules() for p in m.parameters(recurse=False)}
     ratio: dict[int, float] = {}
     for kind in ("ffn_down_input", "linear_input"):
@@ -68,6 +75,10 @@ def _unit_inputs(model: nn.Module, units: Sequence, compressor=None) -> Iterator
 
     def pre(mod, args, idx):
         x = next((a for a in args if torch.is_tensor(a) and a.is_floating_point()), None)
+        bias = getattr(mod, "bias", None)
+        if isinstance(mod, _SAVES_INPUT_FOR_BIAS) and isinstance(bias, torch.Tensor) \
+                and bias.requires_grad:
+            return
         if x is not None:
             b = int(x.numel() * x.element_size() * ratio.get(id(mod), 1.0))
             uid = ident(x)

@@ -245,3 +245,16 @@ def test_worst_trained_set_counts_distinct_inputs_and_only_linears_as_measured()
     assert _worst_dynamic(inputs, frozen=[0, 1, 2], n_train=3) == 300 - 200
     # the measured step trained q and the LayerNorm: only q's input was surely saved
     assert _worst_dynamic(inputs, frozen=[1, 2, 3, 4], n_train=2) == 200 - 100
+
+
+def test_unit_inputs_record_linears_and_skip_norms_that_save_their_input_anyway():
+    from slimfit.calibration import _unit_inputs
+    from slimfit.selection import select_units
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+    units = select_units(model).units
+    with _unit_inputs(model, units) as seen:
+        model(torch.randn(4, 8))
+    by_name = dict(zip((u.name for u in units), seen))
+    assert by_name["0.weight"][1:] == (4 * 8 * 4, True)
+    assert by_name["2.weight"][1:] == (4 * 8 * 4, True)
+    assert by_name["1.weight"] == (None, 0, False)  # LayerNorm with a trainable bias: static
