@@ -86,6 +86,8 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
     forward unless something else holds it (at most a quarter of it extra, if
     it does). Exact: the same values are restored.
     """
+    if type(t) is not torch.Tensor or t.layout is not torch.strided:
+        return t  # subclasses (DTensor, ...), sparse: their storage is not this one's
     view = t.numel() * t.element_size()
     base = t.untyped_storage().nbytes()
     if base >= _NARROW * view and base - view >= _NARROW_MIN_BYTES:
