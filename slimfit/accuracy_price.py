@@ -18,7 +18,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 
-__all__ = ["Price", "MEASURED", "expected_price", "compression_price"]
+__all__ = ["Price", "MEASURED", "COMPRESSION", "expected_price", "compression_price"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +38,11 @@ MEASURED: dict[tuple[float, bool], Price] = {
     (0.9, False): Price(gap=-1.00, runs=1, arm="slimfit-nocompress", task="movie"),
 }
 
+#: Compression's own price: the mean difference between runs with and without
+#: it at the same task, seed and rate (``arm`` against ``slimfit``), not the
+#: difference of two means over different tasks; None until measured.
+COMPRESSION: Price | None = Price(gap=0.55, runs=1, arm="slimfit-nocompress", task="movie")
+
 
 def _curve(points: list[tuple[float, float]], rate: float, origin: float = 0.0) -> float:
     """Piecewise-linear price through ``(0, origin)`` and ``points``, never
@@ -55,11 +60,9 @@ def _curve(points: list[tuple[float, float]], rate: float, origin: float = 0.0) 
 
 
 def compression_price() -> float | None:
-    """What compression adds to the price (points, <= 0) where the study
-    measured the same rate with and without it; None if it has not."""
-    pairs = [MEASURED[(r, True)].gap - MEASURED[(r, False)].gap
-             for (r, c) in MEASURED if c and (r, False) in MEASURED]
-    return min(0.0, sum(pairs) / len(pairs)) if pairs else None
+    """What compression adds to the price (points, <= 0: a measured gain is
+    read as seed noise), from :data:`COMPRESSION`; None if not measured."""
+    return None if COMPRESSION is None else min(0.0, COMPRESSION.gap)
 
 
 def expected_price(freeze_rate: float, compression: bool) -> tuple[float, str]:
@@ -69,10 +72,9 @@ def expected_price(freeze_rate: float, compression: bool) -> tuple[float, str]:
     Each setting's price is interpolated linearly through its own measured
     rates, from full fine-tuning (0 at rate 0) without compression, from
     compression alone's price with it; a setting with no measured rate uses
-    the other's points moved by compression's own price (the mean paired
-    difference at rates measured both ways, at most 0; 0 until measured, and
-    the note says so). Beyond the highest measured rate the last slope is
-    extended, and prices never fall as the rate grows (a lower measured
+    the other's points moved by compression's own price (:data:`COMPRESSION`,
+    at most 0; 0 until measured, and the note says so). Beyond the highest
+    measured rate the last slope is extended, and prices never fall as the rate grows (a lower measured
     price at a higher rate is seed noise), so the figure errs on the side of
     a larger price.
     """

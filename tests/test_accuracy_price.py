@@ -41,12 +41,32 @@ def test_more_freezing_never_looks_cheaper(compression):
     assert all(b <= a + 1e-9 for a, b in zip(gaps, gaps[1:])), gaps
 
 
+def test_compression_price_equals_the_same_seed_pairs_of_the_study():
+    from slimfit.accuracy_price import COMPRESSION
+    rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+    acc = {(r["task"], r["arm"], r["seed"]): r["val_acc"] for r in rows}
+    diffs = [100 * (v - acc[(t, COMPRESSION.arm, s)]) for (t, a, s), v in acc.items()
+             if a == "slimfit" and (t, COMPRESSION.arm, s) in acc]
+    assert len(diffs) == COMPRESSION.runs
+    assert COMPRESSION.gap == pytest.approx(statistics.mean(diffs), abs=0.005)
+
+
 def test_compression_adds_its_own_price_where_measured_both_ways(monkeypatch):
     from slimfit import accuracy_price as ap
     table = {(0.9, False): ap.Price(-0.4, 3, "a", "t"), (0.9, True): ap.Price(-0.7, 3, "b", "t")}
     monkeypatch.setattr(ap, "MEASURED", table)
+    monkeypatch.setattr(ap, "COMPRESSION", ap.Price(-0.3, 3, "a", "t"))
     assert ap.compression_price() == pytest.approx(-0.3)
     assert ap.expected_price(0.45, False)[0] == pytest.approx(-0.2)
     assert ap.expected_price(0.45, True)[0] == pytest.approx(-0.5)
     assert ap.expected_price(0.0, True)[0] == pytest.approx(-0.3)
     assert ap.expected_price(0.0, False) == (0.0, "exact")
+
+
+def test_a_measured_gain_from_compression_is_not_a_discount(monkeypatch):
+    from slimfit import accuracy_price as ap
+    monkeypatch.setattr(ap, "COMPRESSION", ap.Price(0.55, 1, "a", "t"))
+    assert ap.compression_price() == 0.0
+    monkeypatch.setattr(ap, "COMPRESSION", None)
+    assert ap.compression_price() is None
+    assert "not measured yet" in ap.expected_price(0.5, True)[1]
