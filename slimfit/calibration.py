@@ -73,12 +73,13 @@ def _unit_inputs(model: nn.Module, units: Sequence, compressor=None) -> Iterator
             live[key] = (weakref.ref(x), uid)
         return uid
 
+    def static(mod):  # saves its input whether its weight trains or not
+        bias = getattr(mod, "bias", None)
+        return isinstance(mod, _SAVES_INPUT_FOR_BIAS) and isinstance(bias, torch.Tensor) \
+            and bias.requires_grad
+
     def pre(mod, args, idx):
         x = next((a for a in args if torch.is_tensor(a) and a.is_floating_point()), None)
-        bias = getattr(mod, "bias", None)
-        if isinstance(mod, _SAVES_INPUT_FOR_BIAS) and isinstance(bias, torch.Tensor) \
-                and bias.requires_grad:
-            return
         if x is not None:
             b = int(x.numel() * x.element_size() * ratio.get(id(mod), 1.0))
             uid = ident(x)
@@ -86,7 +87,7 @@ def _unit_inputs(model: nn.Module, units: Sequence, compressor=None) -> Iterator
                 seen[i] = (uid, max(seen[i][1], b), isinstance(mod, nn.Linear))
 
     handles = [m.register_forward_pre_hook(functools.partial(pre, idx=idx))
-               for m, idx in by_module.values()]
+               for m, idx in by_module.values() if not static(m)]
     try:
         yield seen
     finally:

@@ -12,9 +12,14 @@ from slimfit.accuracy_price import MEASURED, expected_price
 RESULTS = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "results" / "fidelity.jsonl"
 
 
-def _paired_gaps(task, arm):
+def _accuracies():
+    """{(task, arm, seed): validation accuracy} of the committed study."""
     rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
-    acc = {(r["task"], r["arm"], r["seed"]): r["val_acc"] for r in rows}
+    return {(r["task"], r["arm"], r["seed"]): r["val_acc"] for r in rows}
+
+
+def _paired_gaps(task, arm):
+    acc = _accuracies()
     return [100 * (v - acc[(t, "full", s)]) for (t, a, s), v in acc.items()
             if task in (t, "all") and a == arm and (t, "full", s) in acc]
 
@@ -43,8 +48,7 @@ def test_more_freezing_never_looks_cheaper(compression):
 
 def test_compression_price_equals_the_same_seed_pairs_of_the_study():
     from slimfit.accuracy_price import COMPRESSION
-    rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
-    acc = {(r["task"], r["arm"], r["seed"]): r["val_acc"] for r in rows}
+    acc = _accuracies()
     diffs = [100 * (v - acc[(t, COMPRESSION.arm, s)]) for (t, a, s), v in acc.items()
              if a == "slimfit" and (t, COMPRESSION.arm, s) in acc]
     assert len(diffs) == COMPRESSION.runs
