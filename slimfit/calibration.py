@@ -33,8 +33,11 @@ __all__ = ["calibrate"]
 
 
 #: modules whose native backward saves the input for the bias gradient too
-_SAVES_INPUT_FOR_BIAS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm,
-                         nn.modules.conv._ConvNd)
+#: (convolutions did too; with a frozen weight the session reroutes them,
+#: ``slimfit.frozen_conv``, so they keep their input for dW alone, as Linears do)
+_SAVES_INPUT_FOR_BIAS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+#: owners that save their input for dW alone: surely dynamic
+_INPUT_FOR_DW_ONLY = (nn.Linear, nn.modules.conv._ConvNd)
 
 
 @contextlib.contextmanager
@@ -43,10 +46,11 @@ def _unit_inputs(model: nn.Module, units: Sequence, compressor=None) -> Iterator
     input of the module that owns it: the dynamic activation its training may
     add, at the width compression stores it (``int8`` of fp32: a quarter). Q,
     K and V share one input storage. ``linear``: the owner is an
-    ``nn.Linear``, which saves its input for dW alone, so the input is surely
-    dynamic. A native norm or convolution with a trainable bias saves its
-    input whether its weight trains or not (one backward formula serves
-    input, weight and bias): recorded as ``(None, 0, False)``, static. Other
+    ``nn.Linear`` or a convolution (rerouted by the session when its weight is
+    frozen), which saves its input for dW alone, so the input is surely
+    dynamic. A native norm with a trainable bias saves its input whether its
+    weight trains or not (one backward formula serves input, weight and
+    bias): recorded as ``(None, 0, False)``, static. Other
     owners are counted as if their input were dynamic (an upper bound)."""
     owner = {id(p): m for _, m in model.named_modules() for p in m.parameters(recurse=False)}
     ratio: dict[int, float] = {}
@@ -84,7 +88,7 @@ def _unit_inputs(model: nn.Module, units: Sequence, compressor=None) -> Iterator
             b = int(x.numel() * x.element_size() * ratio.get(id(mod), 1.0))
             uid = ident(x)
             for i in idx:
-                seen[i] = (uid, max(seen[i][1], b), isinstance(mod, nn.Linear))
+                seen[i] = (uid, max(seen[i][1], b), isinstance(mod, _INPUT_FOR_DW_ONLY))
 
     handles = [m.register_forward_pre_hook(functools.partial(pre, idx=idx))
                for m, idx in by_module.values() if not static(m)]

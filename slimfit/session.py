@@ -41,7 +41,9 @@ from slimfit.compress import ActivationCompressor, CompressionConfig
 from slimfit.config import SlimFitConfig
 from slimfit.errors import CheckpointMismatchError, OptionTypeError, SlimFitError
 from slimfit.freezer import LayerFreezer
+from slimfit.frozen_conv import FrozenConvRouter
 from slimfit.offload import ActivationOffloader, OptimizerStateOffloader
+from slimfit.selection import is_compiled
 from slimfit.stream import StreamConfig, WeightStreamer
 
 __all__ = ["SessionConfig", "SlimFitSession"]
@@ -174,6 +176,10 @@ class SlimFitSession:
         self.optimizer: torch.optim.Optimizer | None = None
         self.offloader: OptimizerStateOffloader | None = None
         self.streamer: WeightStreamer | None = None
+        # frozen convolutions save no input (exact); not under torch.compile, whose
+        # graphs would break at the hooks' function mode
+        self.conv_router = FrozenConvRouter(model) \
+            if self.freezer is not None and not is_compiled(model) else None
         self._act: ActivationOffloader | None = None  # built once: one side stream
         self._act_open = False
         self._finite: torch.Tensor | None = None  # all losses of the step finite (no sync)
@@ -200,6 +206,8 @@ class SlimFitSession:
         c = self.config
         if self.compressor is not None:
             self.compressor.install()
+        if self.conv_router is not None:
+            self.conv_router.install()
         if c.offload_optimizer_state:
             self.offloader = OptimizerStateOffloader(opt, [u.params for u in self.units])
         if c.stream is not None:
@@ -224,6 +232,8 @@ class SlimFitSession:
             self.freezer.restore()
         if self.compressor is not None:
             self.compressor.remove()
+        if self.conv_router is not None:
+            self.conv_router.remove()
         self._finite = None
         self.optimizer = None
 
