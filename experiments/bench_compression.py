@@ -10,7 +10,7 @@ Examples:
     python -m slimfit.experiments.bench_compression --model bert-base --batch-sizes 8 32 \
         --extrapolate 128 --arms full slimfit+compress +offload +stream
     python -m slimfit.experiments.bench_compression --model vit-b16 --batch-sizes 2 4 8 \
-        --extrapolate 128 --arms full slimfit+compress +offload +stream --linear-input int8
+        --extrapolate 128 --arms full slimfit+compress +offload +stream --linear-input none
 
 Each arm uses a fresh model (same seed), loaded with SDPA attention as
 transformers and timm do by default (``--attn eager`` for the eager model,
@@ -88,9 +88,9 @@ def main(argv=None):
                          "model stores the probabilities, compressed")
     ap.add_argument("--layernorm", default="int8", choices=["int8", "topk", "none"])
     ap.add_argument("--gelu-bits", default="int4", choices=["int4", "int8"])
-    ap.add_argument("--linear-input", default="none", choices=["none", "int8"],
+    ap.add_argument("--linear-input", default="int8", choices=["none", "int8"],
                     help="inputs saved by trained Linears other than the FFN down-projection "
-                         "(dynamic activations): kept (default) or int8 per token")
+                         "(dynamic activations): int8 per token (the default) or kept")
     ap.add_argument("--fidelity", action="store_true")
     ap.add_argument("--arms", nargs="+", default=["full", "slimfit", "slimfit+compress"],
                     choices=ARMS, help="'full' is required (ratios are against it)")

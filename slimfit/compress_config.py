@@ -75,7 +75,9 @@ class CompressionConfig:
         gelu: GELU input (4-bit, as in the paper).
         layernorm: LayerNorm input (``int8``, or ``topk`` as in the paper).
         ffn_down_input: input of the FFN down-projection when it is trainable.
-        linear_input: inputs saved by every other Linear (dynamic activations).
+        linear_input: inputs saved by every other trained Linear (dynamic
+            activations; int8 per token since the fidelity study measured it at the
+            defaults' accuracy: ``none`` keeps them as they are).
         dropout_mask: bit-pack dropout masks (lossless).
         modules: optional ``{kind: pattern}`` to choose modules by name instead
             of by type (regex full match, or list of exact/suffix names).
@@ -86,7 +88,7 @@ class CompressionConfig:
     gelu: Treatment = _t("int4", group_size=64)
     layernorm: Treatment = _t("int8")
     ffn_down_input: Treatment = _t("int8")
-    linear_input: Treatment = _t("none")
+    linear_input: Treatment = _t("int8")
     dropout_mask: bool = True
     modules: dict[str, Pattern] | None = None
     min_numel: int = 1024

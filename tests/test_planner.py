@@ -110,7 +110,7 @@ def test_slimfit_callback_with_memory_budget(tmp_path):
     lit = lit_module(lr=1e-2)
     x, y = next(iter(token_loader(n=64, batch_size=8)))
     full = plan_for_budget(lit, adamw, lambda: lit.model(input_ids=x, labels=y).loss, "1TiB")
-    budget = int(full.expected_total * 0.6)
+    budget = int(full.expected_total * 0.5)  # below compression alone: freezing must help
     sf, mon = SlimFit(memory_budget=budget), MemoryMonitor(every_n_steps=1)
     trainer(tmp_path, max_steps=14, callbacks=[sf, mon]).fit(lit, token_loader(n=128, batch_size=8))
     assert sf.plan is not None and sf.plan.candidate.freeze_rate > 0
