@@ -52,6 +52,9 @@ ARMS: dict[str, list[str]] = {
                             "+slimfit.trained_lr_scale=1.0", "model.attn_implementation=eager",
                             "slimfit.compression.linear_input=none"],
     "slimfit-nocompress": ["slimfit=r090"],
+    # compression alone, nothing frozen (every Linear trained, so every Linear input
+    # int8): the planner's first lossy plan
+    "compress-only": ["slimfit=r090_compress", "slimfit.freeze_rate=0.0"],
     # trained Linears' inputs kept as they are (the default until the study showed int8
     # costs no accuracy; its runs until then were the "slimfit" arm)
     "slimfit-fp32-linear": ["slimfit=r090_compress", "slimfit.compression.linear_input=none"],
@@ -84,7 +87,7 @@ for _name, _budget in (("0.2ep", ["trainer.max_epochs=-1", "trainer.max_steps=53
     ARMS[f"full-{_name}"] = ["slimfit=full", *_budget]
     ARMS[f"slimfit-{_name}"] = ["slimfit=r090_compress", *_budget]
 
-ABLATIONS = ("slimfit-head-candidate", "slimfit-nocompress", "slimfit-fp32-linear",
+ABLATIONS = ("slimfit-head-candidate", "slimfit-nocompress", "slimfit-fp32-linear", "compress-only",
              "slimfit-lrscale1", "slimfit-update_norm", "slimfit-grad_norm",
              "slimfit-decay0.99", "slimfit-age20", "slimfit-sample", "slimfit-reserve0.25",
              "slimfit-nowarmup", "full-nowarmup")
