@@ -18,8 +18,9 @@ under ``no_grad`` when its input needs no gradient (nothing saved), else in
 bytes) and computes the input gradient with the same aten op PyTorch's
 backward uses (``convolution_backward``, input mask only). The bias is added
 afterwards (an add saves nothing). Same values as the plain op up to the
-rounding of that one add. Steps where the weight trains, calls with string
-``padding="same"`` and calls without grad run the plain op.
+rounding of that one add; under autocast in its dtype, as the plain op.
+Steps where the weight trains, calls with string ``padding="same"`` and
+calls without grad run the plain op.
 """
 
 from __future__ import annotations
@@ -82,13 +83,21 @@ def frozen_weight_conv(func, args: tuple, kwargs: dict) -> torch.Tensor:
         return func(*args, **kwargs)
     nd = _CONV[func]
     conf = (b["stride"], padding, b["dilation"], b["groups"])
-    if x.requires_grad:
-        y = _FrozenWeightConv.apply(x, w, *conf, nd)
-    else:
-        with torch.no_grad():
-            y = func(x, w, None, *conf)
-    # (C, 1, ..., 1): broadcasts over batched and unbatched outputs alike
-    return y if bias is None else y + bias.reshape(-1, *([1] * nd))
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        # what autocast does to the plain op: input, weight and bias in its dtype (the
+        # weight's cast is saved instead of the input's; it is transient either way)
+        dt = torch.get_autocast_dtype(dev)
+        x, w = x.to(dt), w.to(dt)
+        bias = None if bias is None else bias.to(dt)
+    with torch.autocast(dev, enabled=False):
+        if x.requires_grad:
+            y = _FrozenWeightConv.apply(x, w, *conf, nd)
+        else:
+            with torch.no_grad():
+                y = func(x, w, None, *conf)
+        # (C, 1, ..., 1): broadcasts over batched and unbatched outputs alike
+        return y if bias is None else y + bias.reshape(-1, *([1] * nd))
 
 
 class _Mode(TorchFunctionMode):

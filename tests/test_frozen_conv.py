@@ -59,6 +59,33 @@ def test_frozen_weight_conv_keeps_gradients_and_saves_no_input(conv, shape, grad
     assert plain_bytes - routed_bytes == _conv_input_numel(conv, shape) * 4
 
 
+@pytest.mark.parametrize("grad_input", [False, True])
+def test_frozen_weight_conv_under_bf16_autocast_matches_the_plain_op(grad_input):
+    torch.manual_seed(0)
+    conv, x = nn.Conv2d(3, 8, 4, stride=4), torch.randn(2, 3, 16, 16)
+    conv.weight.requires_grad_(False)
+
+    def run():
+        xi = x.clone().requires_grad_(grad_input)
+        conv.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = conv(xi)
+        y.float().square().sum().backward()
+        return y.dtype, conv.bias.grad.clone(), (xi.grad.clone() if grad_input else None)
+
+    plain = run()
+    router = FrozenConvRouter(conv).install()
+    try:
+        routed = run()
+    finally:
+        router.remove()
+    assert routed[0] == plain[0] == torch.bfloat16
+    torch.testing.assert_close(routed[1], plain[1], rtol=2e-2, atol=1e-2)  # bf16 rounding
+    if grad_input:
+        assert routed[2].dtype == plain[2].dtype == torch.float32
+        torch.testing.assert_close(routed[2], plain[2], rtol=2e-2, atol=1e-2)
+
+
 def test_trained_weight_runs_the_plain_op():
     torch.manual_seed(0)
     conv, x = nn.Conv2d(3, 8, 4, stride=4), torch.randn(2, 3, 16, 16)
