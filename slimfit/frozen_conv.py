@@ -25,6 +25,7 @@ calls without grad run the plain op.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -83,14 +84,15 @@ def frozen_weight_conv(func, args: tuple, kwargs: dict) -> torch.Tensor:
         return func(*args, **kwargs)
     nd = _CONV[func]
     conf = (b["stride"], padding, b["dilation"], b["groups"])
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):
+    dev, plain_dtypes = x.device.type, contextlib.nullcontext()
+    if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
         # what autocast does to the plain op: input, weight and bias in its dtype (the
         # weight's cast is saved instead of the input's; it is transient either way)
         dt = torch.get_autocast_dtype(dev)
         x, w = x.to(dt), w.to(dt)
         bias = None if bias is None else bias.to(dt)
-    with torch.autocast(dev, enabled=False):
+        plain_dtypes = torch.autocast(dev, enabled=False)
+    with plain_dtypes:
         if x.requires_grad:
             y = _FrozenWeightConv.apply(x, w, *conf, nd)
         else:
