@@ -92,6 +92,11 @@ def expected_price(freeze_rate: float, compression: bool) -> tuple[float, str]:
         where = "all tasks" if measured.task == "all" else measured.task
         return measured.gap, f"measured: {where}, {measured.runs} paired run(s)"
     note = "interpolated from the fidelity study"
+    if freeze_rate == 0 and compression and comp is not None:
+        # every Linear trains, so every Linear input is stored compressed: a setting
+        # the study's freezing runs do not contain
+        note = (f"inferred: compression's own price with freezing ({COMPRESSION.runs} paired "
+                "run(s)); compression alone not trained in the study yet")
     if compression and comp is None:
         note += "; compression's own price not measured yet (gradient cosine >= 0.99)"
     return gap, note

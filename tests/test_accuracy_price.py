@@ -74,3 +74,8 @@ def test_a_measured_gain_from_compression_is_not_a_discount(monkeypatch):
     monkeypatch.setattr(ap, "COMPRESSION", None)
     assert ap.compression_price() is None
     assert "not measured yet" in ap.expected_price(0.5, True)[1]
+
+
+def test_compression_alone_says_its_price_is_inferred():
+    gap, note = expected_price(0.0, True)
+    assert gap <= 0.0 and note.startswith("inferred")
