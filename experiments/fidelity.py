@@ -18,6 +18,13 @@ seed 0), ``lr`` (peak learning rates of both arms), ``rate`` (r in
 0.5/0.8/0.95), ``short`` (0.2 and 1 epoch), ``peers`` (LoRA on the movie
 task). Each run records the code version it ran (``FIDELITY_CODE``, set by
 whoever starts the study from a snapshot). ``--only`` runs given run ids.
+
+When a default changes, the runs recorded before it keep their results but
+are relabelled with the old setting made explicit in their overrides and arm
+name, and a ``relabelled`` field records the old id and why: the inputs of
+trained Linears became int8, so the earlier ``slimfit`` runs are
+``slimfit-fp32-linear`` (and ``...@fp32-linear``), and the earlier
+``slimfit-int8-linear`` runs are ``slimfit``.
 """
 
 from __future__ import annotations
