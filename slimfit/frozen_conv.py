@@ -48,11 +48,10 @@ class _FrozenWeightConv(torch.autograd.Function):
     """Bias-free convolution with a frozen weight: saves the weight only."""
 
     @staticmethod
-    def forward(ctx, x, weight, stride, padding, dilation, groups, nd):
+    def forward(ctx, func, x, weight, stride, padding, dilation, groups):
         ctx.save_for_backward(weight)  # a parameter (or its view): no new bytes
-        ctx.conf = (tuple(x.shape), stride, padding, dilation, groups, nd)
-        return [F.conv1d, F.conv2d, F.conv3d][nd - 1](x, weight, None, stride, padding,
-                                                      dilation, groups)
+        ctx.conf = (tuple(x.shape), stride, padding, dilation, groups, _CONV[func])
+        return func(x, weight, None, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad):
@@ -65,9 +64,9 @@ class _FrozenWeightConv(torch.autograd.Function):
             shape, grad = (1, *shape), grad.unsqueeze(0)
         stand_in = grad.new_empty(1).expand(shape)
         gx = torch.ops.aten.convolution_backward(
-            grad.contiguous(), stand_in, weight, None, _tuple(stride, nd), _tuple(padding, nd),
+            grad, stand_in, weight, None, _tuple(stride, nd), _tuple(padding, nd),
             _tuple(dilation, nd), False, [0] * nd, groups, (True, False, False))[0]
-        return (gx[0] if unbatched else gx), None, None, None, None, None, None
+        return None, (gx[0] if unbatched else gx), None, None, None, None, None
 
 
 def frozen_weight_conv(func, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -82,7 +81,6 @@ def frozen_weight_conv(func, args: tuple, kwargs: dict) -> torch.Tensor:
     if w.requires_grad or not torch.is_grad_enabled() or isinstance(padding, str) \
             or not (x.requires_grad or needs_bias) or len(b) != len(_NAMES):
         return func(*args, **kwargs)
-    nd = _CONV[func]
     conf = (b["stride"], padding, b["dilation"], b["groups"])
     dev, plain_dtypes = x.device.type, contextlib.nullcontext()
     if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
@@ -94,12 +92,12 @@ def frozen_weight_conv(func, args: tuple, kwargs: dict) -> torch.Tensor:
         plain_dtypes = torch.autocast(dev, enabled=False)
     with plain_dtypes:
         if x.requires_grad:
-            y = _FrozenWeightConv.apply(x, w, *conf, nd)
+            y = _FrozenWeightConv.apply(func, x, w, *conf)
         else:
             with torch.no_grad():
                 y = func(x, w, None, *conf)
         # (C, 1, ..., 1): broadcasts over batched and unbatched outputs alike
-        return y if bias is None else y + bias.reshape(-1, *([1] * nd))
+        return y if bias is None else y + bias.reshape(-1, *([1] * _CONV[func]))
 
 
 class _Mode(TorchFunctionMode):
