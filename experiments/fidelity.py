@@ -89,7 +89,9 @@ for _arm in ("slimfit-lrscale1", "slimfit-lrscale1@lr3e-4"):
     ARMS[f"{_arm}@fp32-linear"] = [*ARMS[_arm], "slimfit.compression.linear_input=none"]
 for _r in ("0.5", "0.8", "0.95"):
     ARMS[f"slimfit-r{_r}"] = ["slimfit=r090_compress", f"slimfit.freeze_rate={_r}"]
-for _name, _budget in (("0.2ep", ["trainer.max_epochs=-1", "trainer.max_steps=53"]),
+# short budgets, a fraction of each task's own epoch (the schedule's length follows:
+# tasks.py sizes warm-up and decay from Lightning's estimated_stepping_batches)
+for _name, _budget in (("0.2ep", ["trainer.max_epochs=1", "+trainer.limit_train_batches=0.2"]),
                        ("1ep", ["trainer.max_epochs=1"])):
     ARMS[f"full-{_name}"] = ["slimfit=full", *_budget]
     ARMS[f"slimfit-{_name}"] = ["slimfit=r090_compress", *_budget]
