@@ -23,6 +23,22 @@ def test_every_arm_composes_and_its_slimfit_options_build(arm):
         assert cfg.method.name == "lora" and cfg.task.lr == 5e-4
 
 
+@pytest.mark.parametrize("task", sorted(fidelity.TASKS))
+def test_every_task_composes_at_three_epochs(task):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={fidelity.TASKS[task]}", "output_dir=/tmp/unused",
+                                          *fidelity.ARMS["slimfit"]])
+    assert cfg.trainer.max_epochs == 3 and cfg.trainer.max_steps == -1
+    assert cfg.slimfit.freeze_rate == 0.9 and cfg.slimfit.compression.attention == "int8"
+
+
+def test_the_held_out_task_is_in_no_group_that_chooses_defaults():
+    held_out = set(fidelity.TASKS) - set(fidelity.STUDY_TASKS)
+    assert held_out == {"trec"}
+    for name, (tasks, _arms, _seeds) in fidelity.GROUPS.items():
+        assert (set(tasks) & held_out == set()) == (name != "heldout"), name
+
+
 def test_only_rejects_an_unknown_run_id():
     with pytest.raises(SystemExit, match="unknown run id 'movie/nope/seed0'"):
         fidelity.main(["--only", "movie/nope/seed0", "--list"])
