@@ -34,7 +34,7 @@ class Price:
 #: (freeze_rate, compression) -> measured price at the defaults of that arm.
 #: Full fine-tuning (rate 0, no compression) is the reference: price 0.
 MEASURED: dict[tuple[float, bool], Price] = {
-    (0.9, True): Price(gap=-0.35, runs=3, arm="slimfit", task="all"),
+    (0.9, True): Price(gap=0.02, runs=9, arm="slimfit", task="all"),
     (0.9, False): Price(gap=-1.00, runs=1, arm="slimfit-nocompress", task="movie"),
 }
 
@@ -69,7 +69,8 @@ def expected_price(freeze_rate: float, compression: bool) -> tuple[float, str]:
     """Expected accuracy price (points) of freezing at ``freeze_rate`` with or
     without compression, and a note on where the figure comes from.
 
-    Each setting's price is interpolated linearly through its own measured
+    A price is never positive: a measured mean above full fine-tuning is read
+    as seed noise (price 0, the note gives the mean). Each setting's price is interpolated linearly through its own measured
     rates, from full fine-tuning (0 at rate 0) without compression, from
     compression alone's price with it; a setting with no measured rate uses
     the other's points moved by compression's own price (:data:`COMPRESSION`,
@@ -90,8 +91,13 @@ def expected_price(freeze_rate: float, compression: bool) -> tuple[float, str]:
     measured = MEASURED.get((round(freeze_rate, 4), compression))
     if measured is not None:
         where = "all tasks" if measured.task == "all" else measured.task
-        return measured.gap, f"measured: {where}, {measured.runs} paired run(s)"
-    note = "interpolated from the fidelity study"
+        note = f"measured: {where}, {measured.runs} paired run(s)"
+        if measured.gap > 0:  # a mean above full fine-tuning is seed noise, not a bonus
+            note += f", mean {measured.gap:+.2f}: no loss measured"
+        return min(0.0, measured.gap), note
+    top = max(r for r, _ in own)
+    note = ("interpolated from the fidelity study" if freeze_rate <= top else
+            f"extrapolated beyond the highest rate the study measured ({top:g})")
     if freeze_rate == 0 and compression and comp is not None:
         # every Linear trains, so every Linear input is stored compressed: a setting
         # the study's freezing runs do not contain

@@ -36,7 +36,14 @@ def test_full_fine_tuning_is_free_and_measured_points_are_exact():
     assert expected_price(0.0, False) == (0.0, "exact")
     for (rate, comp), price in MEASURED.items():
         gap, note = expected_price(rate, comp)
-        assert gap == pytest.approx(price.gap) and note.startswith("measured")
+        assert gap == pytest.approx(min(0.0, price.gap)) and note.startswith("measured")
+
+
+def test_a_measured_gain_is_priced_zero_and_said(monkeypatch):
+    from slimfit import accuracy_price as ap
+    monkeypatch.setattr(ap, "MEASURED", {(0.9, True): ap.Price(0.25, 9, "slimfit", "all")})
+    gap, note = ap.expected_price(0.9, True)
+    assert gap == 0.0 and "mean +0.25: no loss measured" in note and "9 paired" in note
 
 
 @pytest.mark.parametrize("compression", [False, True])
@@ -79,3 +86,9 @@ def test_a_measured_gain_from_compression_is_not_a_discount(monkeypatch):
 def test_compression_alone_says_its_price_is_inferred():
     gap, note = expected_price(0.0, True)
     assert gap <= 0.0 and note.startswith("inferred")
+
+
+def test_a_rate_beyond_the_measured_ones_says_it_is_extrapolated():
+    top = max(rate for rate, _ in MEASURED)
+    assert "extrapolated beyond" in expected_price(min(0.99, top + 0.02), True)[1]
+    assert expected_price(top / 2, True)[1].startswith(("interpolated", "inferred"))
