@@ -34,6 +34,7 @@ class Price:
 #: (freeze_rate, compression) -> measured price at the defaults of that arm.
 #: Full fine-tuning (rate 0, no compression) is the reference: price 0.
 MEASURED: dict[tuple[float, bool], Price] = {
+    (0.0, True): Price(gap=-0.30, runs=1, arm="compress-only", task="movie"),
     (0.9, True): Price(gap=0.02, runs=9, arm="slimfit", task="all"),
     (0.9, False): Price(gap=-1.00, runs=1, arm="slimfit-nocompress", task="movie"),
 }
@@ -70,9 +71,10 @@ def expected_price(freeze_rate: float, compression: bool) -> tuple[float, str]:
     without compression, and a note on where the figure comes from.
 
     A price is never positive: a measured mean above full fine-tuning is read
-    as seed noise (price 0, the note gives the mean). Each setting's price is interpolated linearly through its own measured
-    rates, from full fine-tuning (0 at rate 0) without compression, from
-    compression alone's price with it; a setting with no measured rate uses
+    as seed noise (price 0, the note gives the mean). Each setting's price is
+    interpolated linearly through its own measured rates, from full
+    fine-tuning (0 at rate 0) without compression, from compression alone's
+    price with it (measured, or compression's own price until it is); a setting with no measured rate uses
     the other's points moved by compression's own price (:data:`COMPRESSION`,
     at most 0; 0 until measured, and the note says so). Beyond the highest
     measured rate the last slope is extended, and prices never fall as the rate grows (a lower measured
@@ -86,19 +88,24 @@ def expected_price(freeze_rate: float, compression: bool) -> tuple[float, str]:
     own = [(r, p.gap) for (r, c), p in MEASURED.items() if c == compression]
     if not own:  # the other setting's points, moved by compression's price
         own = [(r, p.gap + (shift if compression else -shift)) for (r, _c), p in MEASURED.items()]
+    alone = MEASURED.get((0.0, True))  # compression alone, trained (every Linear input int8)
     # with compression the curve starts at compression alone's price (rate 0)
-    gap = _curve(own, freeze_rate, origin=shift if compression else 0.0)
+    origin = 0.0 if not compression else min(0.0, alone.gap) if alone is not None else shift
+    gap = min(0.0, _curve(own, freeze_rate, origin=origin))
     measured = MEASURED.get((round(freeze_rate, 4), compression))
     if measured is not None:
         where = "all tasks" if measured.task == "all" else measured.task
         note = f"measured: {where}, {measured.runs} paired run(s)"
-        if measured.gap > 0:  # a mean above full fine-tuning is seed noise, not a bonus
+        if gap < min(0.0, measured.gap) - 1e-9:  # a lower rate measured a larger loss
+            note += (f", mean {measured.gap:+.2f}; priced at a lower rate's measured price "
+                     "(more freezing is never priced cheaper)")
+        elif measured.gap > 0:  # a mean above full fine-tuning is seed noise, not a bonus
             note += f", mean {measured.gap:+.2f}: no loss measured"
-        return min(0.0, measured.gap), note
+        return gap, note
     top = max(r for r, _ in own)
     note = ("interpolated from the fidelity study" if freeze_rate <= top else
             f"extrapolated beyond the highest rate the study measured ({top:g})")
-    if freeze_rate == 0 and compression and comp is not None:
+    if freeze_rate == 0 and compression and alone is None and comp is not None:
         # every Linear trains, so every Linear input is stored compressed: a setting
         # the study's freezing runs do not contain
         note = (f"inferred: compression's own price with freezing ({COMPRESSION.runs} paired "

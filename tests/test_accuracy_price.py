@@ -36,7 +36,11 @@ def test_full_fine_tuning_is_free_and_measured_points_are_exact():
     assert expected_price(0.0, False) == (0.0, "exact")
     for (rate, comp), price in MEASURED.items():
         gap, note = expected_price(rate, comp)
-        assert gap == pytest.approx(min(0.0, price.gap)) and note.startswith("measured")
+        # the measured mean, unless a lower rate of the same setting measured a larger loss
+        lower = [p.gap for (r, c), p in MEASURED.items() if c == comp and r < rate]
+        assert gap == pytest.approx(min(0.0, price.gap, *lower)) and note.startswith("measured")
+        if gap < min(0.0, price.gap):
+            assert "never priced cheaper" in note
 
 
 def test_a_measured_gain_is_priced_zero_and_said(monkeypatch):
@@ -83,9 +87,21 @@ def test_a_measured_gain_from_compression_is_not_a_discount(monkeypatch):
     assert "not measured yet" in ap.expected_price(0.5, True)[1]
 
 
-def test_compression_alone_says_its_price_is_inferred():
-    gap, note = expected_price(0.0, True)
+def test_compression_alone_says_its_price_is_inferred_until_measured(monkeypatch):
+    from slimfit import accuracy_price as ap
+    monkeypatch.setattr(ap, "MEASURED", {k: v for k, v in MEASURED.items() if k != (0.0, True)})
+    gap, note = ap.expected_price(0.0, True)
     assert gap <= 0.0 and note.startswith("inferred")
+
+
+def test_measured_compression_alone_starts_the_compression_curve(monkeypatch):
+    from slimfit import accuracy_price as ap
+    monkeypatch.setattr(ap, "MEASURED", {(0.0, True): ap.Price(-0.3, 1, "c", "t"),
+                                         (0.9, True): ap.Price(0.1, 9, "s", "all")})
+    assert ap.expected_price(0.0, True) == (-0.3, "measured: t, 1 paired run(s)")
+    assert ap.expected_price(0.45, True)[0] == pytest.approx(-0.3)
+    gap, note = ap.expected_price(0.9, True)  # the +0.1 mean is priced as the rate below it
+    assert gap == pytest.approx(-0.3) and "never priced cheaper" in note and "+0.10" in note
 
 
 def test_a_rate_beyond_the_measured_ones_says_it_is_extrapolated():
