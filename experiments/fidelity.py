@@ -197,7 +197,7 @@ def plot(path: str, task: str = "movie") -> pathlib.Path:
     import matplotlib.pyplot as plt
     rows = [r for r in _done().values() if r["task"] == task and r.get("memory_total")]
     arms = sorted({r["arm"] for r in rows}, key=lambda a: (a != "full", a))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9.5, 4.5))
     for arm in arms:
         rs = [r for r in rows if r["arm"] == arm]
         acc = [100 * r["val_acc"] for r in rs]
@@ -208,7 +208,7 @@ def plot(path: str, task: str = "movie") -> pathlib.Path:
     ax.set_xlabel("training memory on the ledger (MiB)")
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title(f"Fidelity study, {task}: 3 epochs, MiniLM")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside: no point hidden
     fig.tight_layout()
     out = pathlib.Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
