@@ -168,21 +168,30 @@ def run_one(run_id: str, task: str, arm: str, seed: int, overrides: list[str]) -
     return rec
 
 
+def reference(arm: str) -> str:
+    """The full fine-tuning arm ``arm`` is paired with: the one at the same
+    training budget (``slimfit-0.2ep`` -> ``full-0.2ep``), else ``full``."""
+    budget = arm.rsplit("-", 1)[1] if arm.endswith("ep") and "-" in arm else None
+    return f"full-{budget}" if budget else "full"
+
+
 def report() -> str:
-    """Per-task paired gaps (arm minus full fine-tuning, same seed), mean ± std."""
+    """Per-task paired gaps (arm minus full fine-tuning at the same seed and
+    training budget), mean ± std."""
     done = list(_done().values())
     lines = ["| task | arm | seeds | accuracy % (mean ± std) | paired gap vs full (points) |",
              "|---|---|---:|---:|---:|"]
     keyed = {(r["task"], r["arm"], r["seed"]): r["val_acc"] for r in done}
     for task in TASKS:
         for arm in sorted({r["arm"] for r in done if r["task"] == task},
-                          key=lambda a: (a != "full", a)):
+                          key=lambda a: (a != "full", reference(a), a != reference(a), a)):
+            ref = reference(arm)
             accs = {s: keyed[(task, arm, s)] for (t, a, s) in keyed if t == task and a == arm}
-            gaps = [100 * (accs[s] - keyed[(task, "full", s)]) for s in accs
-                    if (task, "full", s) in keyed]
+            gaps = [100 * (accs[s] - keyed[(task, ref, s)]) for s in accs
+                    if (task, ref, s) in keyed]
             acc = [100 * v for v in accs.values()]
             sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
-            gap = "" if arm == "full" or not gaps else (
+            gap = "" if arm == ref or not gaps else (
                 f"{statistics.mean(gaps):+.2f} ± {statistics.stdev(gaps) if len(gaps) > 1 else 0:.2f}"
                 f" (n={len(gaps)})")
             lines.append(f"| {task} | {arm} | {len(acc)} | {statistics.mean(acc):.2f} ± {sd:.2f} | {gap} |")
@@ -190,12 +199,13 @@ def report() -> str:
 
 
 def plot(path: str, task: str = "movie") -> pathlib.Path:
-    """Accuracy against ledger memory, one point per arm of ``task`` (mean over
-    seeds, error bar: std), full fine-tuning marked: the study's frontier."""
+    """Accuracy against ledger memory, one point per 3-epoch arm of ``task``
+    (mean over seeds, error bar: std), full fine-tuning marked: the study's frontier."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [r for r in _done().values() if r["task"] == task and r.get("memory_total")]
+    rows = [r for r in _done().values() if r["task"] == task and r.get("memory_total")
+            and not r["arm"].endswith("ep")]  # 3 epochs only: the short budgets are another frontier
     arms = sorted({r["arm"] for r in rows}, key=lambda a: (a != "full", a))
     fig, ax = plt.subplots(figsize=(9.5, 4.5))
     for arm in arms:

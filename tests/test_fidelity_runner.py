@@ -54,3 +54,15 @@ def test_report_pairs_each_arm_with_full_fine_tuning_at_the_same_seed(tmp_path, 
     table = fidelity.report()
     assert "| movie | slimfit | 2 | 83.50 ± 6.36 | -1.50 ± 0.71 (n=2) |" in table
     assert "| movie | lora | 1 | 85.00 ± 0.00 | -5.00 ± 0.00 (n=1) |" in table
+
+
+def test_a_short_budget_arm_is_paired_with_full_fine_tuning_at_that_budget(tmp_path, monkeypatch):
+    rows = [dict(id=f"movie/{a}/seed0", task="movie", arm=a, seed=0, val_acc=v)
+            for a, v in (("full", 0.85), ("full-0.2ep", 0.78), ("slimfit-0.2ep", 0.72))]
+    path = tmp_path / "fidelity.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(fidelity, "RESULTS", path)
+    table = fidelity.report()
+    assert "| movie | full-0.2ep | 1 | 78.00 ± 0.00 |  |" in table
+    assert "| movie | slimfit-0.2ep | 1 | 72.00 ± 0.00 | -6.00 ± 0.00 (n=1) |" in table
+    assert fidelity.reference("slimfit-1ep") == "full-1ep" and fidelity.reference("lora") == "full"
