@@ -17,8 +17,10 @@ compression, three tasks x seeds 0-2; ``core0``: seed 0 only), ``ablation``
 seed 0), ``lr`` (peak learning rates of both arms), ``rate`` (r in
 0.5/0.8/0.95), ``short`` (0.2 and 1 epoch), ``peers`` (LoRA on the movie
 task), ``heldout`` (full fine-tuning vs the defaults on TREC questions, a
-task no default was chosen on: the check the issue's reviewer runs). Each run records the code version it ran (``FIDELITY_CODE``, set by
-whoever starts the study from a snapshot). ``--only`` runs given run ids.
+task no default was chosen on: the check a new user makes). Each run
+records the code version it ran (``FIDELITY_CODE``, set by whoever starts
+the study from a snapshot). ``--only`` runs given run ids. A short-budget
+arm is paired with full fine-tuning at the same budget (:func:`reference`).
 
 When a default changes, the runs recorded before it keep their results but
 are relabelled with the old setting made explicit in their overrides and arm

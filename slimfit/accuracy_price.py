@@ -75,12 +75,14 @@ def expected_price(freeze_rate: float, compression: bool) -> tuple[float, str]:
     as seed noise (price 0, the note gives the mean). Each setting's price is
     interpolated linearly through its own measured rates, from full
     fine-tuning (0 at rate 0) without compression, from compression alone's
-    price with it (measured, or compression's own price until it is); a setting with no measured rate uses
-    the other's points moved by compression's own price (:data:`COMPRESSION`,
-    at most 0; 0 until measured, and the note says so). Beyond the highest
-    measured rate the last slope is extended, and prices never fall as the rate grows (a lower measured
-    price at a higher rate is seed noise), so the figure errs on the side of
-    a larger price.
+    price with it (measured, or compression's own price until it is); a
+    setting with no measured rate uses the other's points moved by
+    compression's own price (:data:`COMPRESSION`, at most 0; 0 until
+    measured, and the note says so). Beyond the highest measured rate the
+    last slope is extended (the note says "extrapolated"), and prices never
+    fall as the rate grows (a lower price measured at a higher rate is seed
+    noise, and the note says which price was used), so the figure errs on
+    the side of a larger price.
     """
     if freeze_rate == 0 and not compression:
         return 0.0, "exact"
