@@ -207,7 +207,7 @@ def plot(path: str, task: str = "movie") -> pathlib.Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = [r for r in _done().values() if r["task"] == task and r.get("memory_total")
-            and not r["arm"].endswith("ep")]  # 3 epochs only: the short budgets are another frontier
+            and reference(r["arm"]) == "full"]  # 3 epochs only: short budgets are another frontier
     arms = sorted({r["arm"] for r in rows}, key=lambda a: (a != "full", a))
     fig, ax = plt.subplots(figsize=(9.5, 4.5))
     for arm in arms:

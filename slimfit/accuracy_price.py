@@ -92,9 +92,12 @@ def expected_price(freeze_rate: float, compression: bool) -> tuple[float, str]:
     if not own:  # the other setting's points, moved by compression's price
         own = [(r, p.gap + (shift if compression else -shift)) for (r, _c), p in MEASURED.items()]
     alone = MEASURED.get((0.0, True))  # compression alone, trained (every Linear input int8)
-    # with compression the curve starts at compression alone's price (rate 0)
-    origin = 0.0 if not compression else min(0.0, alone.gap) if alone is not None else shift
-    gap = min(0.0, _curve(own, freeze_rate, origin=origin))
+    # with compression the curve starts at compression alone's price (rate 0): measured, or
+    # compression's own price until it is
+    origin = 0.0
+    if compression:
+        origin = shift if alone is None else min(0.0, alone.gap)
+    gap = _curve(own, freeze_rate, origin=origin)  # never above origin <= 0: never positive
     measured = MEASURED.get((round(freeze_rate, 4), compression))
     if measured is not None:
         where = "all tasks" if measured.task == "all" else measured.task

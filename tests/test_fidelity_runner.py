@@ -44,25 +44,25 @@ def test_only_rejects_an_unknown_run_id():
         fidelity.main(["--only", "movie/nope/seed0", "--list"])
 
 
-def test_report_pairs_each_arm_with_full_fine_tuning_at_the_same_seed(tmp_path, monkeypatch):
-    rows = [dict(id=f"movie/{a}/seed{s}", task="movie", arm=a, seed=s, val_acc=v)
-            for a, s, v in (("full", 0, 0.80), ("full", 1, 0.90), ("slimfit", 0, 0.79),
-                            ("slimfit", 1, 0.88), ("lora", 1, 0.85))]
+def _report(tmp_path, monkeypatch, runs):
+    """The report of a results file holding ``runs`` ((arm, seed, accuracy), movie task)."""
     path = tmp_path / "fidelity.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path.write_text("".join(json.dumps(dict(id=f"movie/{a}/seed{s}", task="movie", arm=a, seed=s,
+                                            val_acc=v)) + "\n" for a, s, v in runs))
     monkeypatch.setattr(fidelity, "RESULTS", path)
-    table = fidelity.report()
+    return fidelity.report()
+
+
+def test_report_pairs_each_arm_with_full_fine_tuning_at_the_same_seed(tmp_path, monkeypatch):
+    table = _report(tmp_path, monkeypatch, (("full", 0, 0.80), ("full", 1, 0.90), ("slimfit", 0, 0.79),
+                                            ("slimfit", 1, 0.88), ("lora", 1, 0.85)))
     assert "| movie | slimfit | 2 | 83.50 ± 6.36 | -1.50 ± 0.71 (n=2) |" in table
     assert "| movie | lora | 1 | 85.00 ± 0.00 | -5.00 ± 0.00 (n=1) |" in table
 
 
 def test_a_short_budget_arm_is_paired_with_full_fine_tuning_at_that_budget(tmp_path, monkeypatch):
-    rows = [dict(id=f"movie/{a}/seed0", task="movie", arm=a, seed=0, val_acc=v)
-            for a, v in (("full", 0.85), ("full-0.2ep", 0.78), ("slimfit-0.2ep", 0.72))]
-    path = tmp_path / "fidelity.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    monkeypatch.setattr(fidelity, "RESULTS", path)
-    table = fidelity.report()
+    table = _report(tmp_path, monkeypatch, (("full", 0, 0.85), ("full-0.2ep", 0, 0.78),
+                                            ("slimfit-0.2ep", 0, 0.72)))
     assert "| movie | full-0.2ep | 1 | 78.00 ± 0.00 |  |" in table
     assert "| movie | slimfit-0.2ep | 1 | 72.00 ± 0.00 | -6.00 ± 0.00 (n=1) |" in table
     assert fidelity.reference("slimfit-1ep") == "full-1ep" and fidelity.reference("lora") == "full"
