@@ -9,9 +9,11 @@ slots are filled in this order:
    seeded random round robin);
 2. units forced by staleness (frozen for at least ``max_frozen_age``
    consecutive steps, if set; oldest first);
-3. ``floor(reserve_fraction * n)`` reserved slots for the least recently
-   trained of the rest (oldest frozen first), so that a few units with high
-   stale scores cannot hog every update;
+3. ``floor(reserve_fraction * n)`` reserved slots, at least one when the
+   fraction is above 0 and at least two units train (so a high rate does not
+   silently round the reservation away), for the least recently trained of
+   the rest (oldest frozen first), so that a few units with high stale scores
+   cannot hog every update;
 4. the rest by score: ``"topk"`` takes the highest, ``"sample"`` draws without
    replacement with probability proportional to the scores (Efraimidis and
    Spirakis' keys ``u ** (1 / s)``, equivalent to successive proportional
@@ -58,7 +60,8 @@ class InterLayerScheduler:
             ``s / d ** age``.
         selection: ``"topk"`` or ``"sample"``.
         reserve_fraction: fraction in [0, 1) of the trained slots reserved for
-            the least recently trained units.
+            the least recently trained units (rounded down, but at least one
+            slot when above 0 and at least two units train).
 
     Example:
         >>> s = InterLayerScheduler(["a", "b", "c", "d"], freeze_rate=0.5, seed=0)
@@ -100,6 +103,19 @@ class InterLayerScheduler:
         """``floor(r * t)``: units frozen in every step."""
         return math.floor(self.freeze_rate * len(self.names))
 
+    def reserved_slots(self, n_train: int) -> int:
+        """Trained slots reserved for the least recently trained units:
+        ``floor(reserve_fraction * n_train)``, at least 1 when the fraction is
+        above 0 and ``n_train >= 2`` (one slot always stays with the scores).
+
+        >>> s = InterLayerScheduler([f"u{i}" for i in range(53)], 0.95, reserve_fraction=0.25)
+        >>> s.reserved_slots(3), s.reserved_slots(6), s.reserved_slots(11), s.reserved_slots(1)
+        (1, 1, 2, 0)
+        """
+        if self.reserve_fraction <= 0.0 or n_train < 2:
+            return 0
+        return max(1, math.floor(self.reserve_fraction * n_train))
+
     @property
     def initial_pass_done(self) -> bool:
         return all(s is not None for s in self.scores)
@@ -134,7 +150,8 @@ class InterLayerScheduler:
         first.sort(reverse=True)
         trained = [i for *_, i in first[:n_train]]
         # (3) reserved slots: the least recently trained (largest age) of the rest
-        n_res = min(math.floor(self.reserve_fraction * n_train), n_train - len(trained))
+        n_res = self.reserved_slots(n_train)
+        n_res = min(n_res, n_train - len(trained))
         if n_res > 0:
             rest.sort(key=lambda i: (ages[i], ties[i]), reverse=True)
             trained += rest[:n_res]

@@ -206,3 +206,22 @@ def test_nan_never_enters_the_scheduler():
 def test_bad_policy_options_are_refused(kw, match):
     with pytest.raises(SlimFitError, match=match):
         InterLayerScheduler(NAMES, 0.5, **kw)
+
+
+@pytest.mark.parametrize("n_train, expected", [(1, 0), (2, 1), (3, 1), (4, 1), (6, 1), (8, 2), (11, 2)])
+def test_reserved_slots_never_round_a_positive_fraction_away(n_train, expected):
+    # r = 0.95 on a 53-unit model trains 3 units: floor(0.25 * 3) = 0 would silently
+    # turn the option off; one slot is reserved, and one always stays with the scores
+    s = InterLayerScheduler(NAMES, 0.5, reserve_fraction=0.25)
+    assert s.reserved_slots(n_train) == expected
+    assert InterLayerScheduler(NAMES, 0.5).reserved_slots(n_train) == 0
+
+
+def test_a_high_rate_still_rotates_the_reserved_slot():
+    # 10 units at r = 0.8: 2 trained per step, floor(0.25 * 2) = 0, but one slot rotates
+    s = InterLayerScheduler(NAMES, 0.8, seed=0, reserve_fraction=0.25)
+    run(s, 40)  # unit 9 scores highest and keeps its slot; the others share the reserved one
+    assert max(s.ages) <= 9
+    plain = InterLayerScheduler(NAMES, 0.8, seed=0)
+    run(plain, 40)
+    assert max(plain.ages) > 20  # without it, top-k on fixed scores starves the rest
