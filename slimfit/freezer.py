@@ -237,7 +237,9 @@ class LayerFreezer:
         c = self.config
         policy = f"score {c.score!r}, selection {c.selection!r}"
         if c.reserve_fraction:
-            policy += f", {c.reserve_fraction:g} of the trained slots reserved for the oldest"
+            n_train = len(self.units) - self.num_frozen
+            policy += (f", {self.scheduler.reserved_slots(n_train)} of the {n_train} trained slots "
+                       f"reserved for the longest-frozen units (reserve_fraction={c.reserve_fraction:g})")
         if c.frozen_score_decay is not None:
             policy += f", stale scores x{c.frozen_score_decay:g} per frozen step"
         if c.max_frozen_age is not None:

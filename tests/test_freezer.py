@@ -231,6 +231,15 @@ def test_every_score_and_policy_trains_with_exact_frozen_counts(kw):
     assert all(s > 0 and math.isfinite(s) for s in freezer.scheduler.scores)
 
 
+def test_the_default_reserves_a_slot_and_says_how_many():
+    freezer = LayerFreezer(BERT.factory(), freeze_rate=0.9, seed=0)
+    assert freezer.config.reserve_fraction == 0.25  # the fidelity study's choice
+    n_train = len(freezer.units) - freezer.num_frozen
+    assert f"1 of the {n_train} trained slots reserved" in freezer.describe()
+    topk = LayerFreezer(BERT.factory(), freeze_rate=0.9, seed=0, reserve_fraction=0.0)
+    assert "reserved" not in topk.describe()
+
+
 def test_embedding_tables_are_scored_over_used_rows():
     model = BERT.factory()
     f = LayerFreezer(model, freeze_rate=0.0, score="update_norm")
