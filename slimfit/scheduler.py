@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from typing import Any, Sequence
 
 from slimfit.errors import CheckpointMismatchError, SlimFitError
@@ -150,8 +151,7 @@ class InterLayerScheduler:
         first.sort(reverse=True)
         trained = [i for *_, i in first[:n_train]]
         # (3) reserved slots: the least recently trained (largest age) of the rest
-        n_res = self.reserved_slots(n_train)
-        n_res = min(n_res, n_train - len(trained))
+        n_res = min(self.reserved_slots(n_train), n_train - len(trained))
         if n_res > 0:
             rest.sort(key=lambda i: (ages[i], ties[i]), reverse=True)
             trained += rest[:n_res]
@@ -246,5 +246,16 @@ class InterLayerScheduler:
             raise CheckpointMismatchError(
                 f"corrupt SlimFit scheduler state: {len(scores)} scores and {len(ages)} ages "
                 f"for {n} units, or a non-finite score.")
+        # a policy that differs from the saved one (a changed default: reserve_fraction
+        # became 0.25) continues the run with other decisions: said, not refused, as a
+        # user may change the policy on purpose; a state older than an option ran without it
+        before = {"max_frozen_age": None, "frozen_score_decay": None, "selection": "topk",
+                  "reserve_fraction": 0.0}
+        changed = [f"{k}={state.get(k, old)!r} (now {getattr(self, k)!r})"
+                   for k, old in before.items() if state.get(k, old) != getattr(self, k)]
+        if changed:
+            warnings.warn("the checkpoint's SlimFit state was saved with " + ", ".join(changed)
+                          + ": the freezing decisions from here on differ from the saved run's; "
+                          "pass the saved values to continue it as it was.", stacklevel=2)
         self.scores, self.ages, self.step = scores, ages, step
         self._rng.setstate(rng_state)

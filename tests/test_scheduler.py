@@ -185,7 +185,16 @@ def test_policy_state_round_trip_continues_identically():
     old = a.state_dict()  # a version-1 state written before these options existed loads
     for k in ("frozen_score_decay", "selection", "reserve_fraction"):
         del old[k]
-    InterLayerScheduler(NAMES, 0.7, **kw).load_state_dict(old)
+    InterLayerScheduler(NAMES, 0.7).load_state_dict(old)  # ran as the paper: no warning
+    with pytest.warns(UserWarning, match=r"saved with .*reserve_fraction=0.0 \(now 0.25\)"):
+        InterLayerScheduler(NAMES, 0.7, **kw).load_state_dict(old)
+
+
+def test_resuming_under_another_policy_says_so():
+    saved = InterLayerScheduler(NAMES, 0.7, seed=1)  # top-k, as before reserve_fraction=0.25
+    run(saved, 4)
+    with pytest.warns(UserWarning, match=r"reserve_fraction=0.0 \(now 0.25\).*pass the saved"):
+        InterLayerScheduler(NAMES, 0.7, reserve_fraction=0.25).load_state_dict(saved.state_dict())
 
 
 def test_nan_never_enters_the_scheduler():
