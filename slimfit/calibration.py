@@ -139,7 +139,7 @@ def _expected(rep: MemoryReport, opt: torch.optim.Optimizer, freezer: LayerFreez
     if freezer is None:
         trainable = all_bytes
     else:
-        n_train = len(freezer.units) - freezer.num_frozen
+        n_train = freezer.scheduler.num_trained
         unit_bytes = sorted((nbytes(u.params) for u in freezer.units), reverse=True)
         trainable = all_bytes - sum(unit_bytes) + sum(unit_bytes[:n_train])
     resident = trainable if config.offload_optimizer_state else all_bytes

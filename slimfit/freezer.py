@@ -237,7 +237,7 @@ class LayerFreezer:
         c = self.config
         policy = f"score {c.score!r}, selection {c.selection!r}"
         if c.reserve_fraction:
-            n_train = len(self.units) - self.num_frozen
+            n_train = self.scheduler.num_trained
             policy += (f", {self.scheduler.reserved_slots(n_train)} of the {n_train} trained slots "
                        f"reserved for the longest-frozen units (reserve_fraction={c.reserve_fraction:g})")
         if c.frozen_score_decay is not None:

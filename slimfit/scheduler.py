@@ -104,6 +104,11 @@ class InterLayerScheduler:
         """``floor(r * t)``: units frozen in every step."""
         return math.floor(self.freeze_rate * len(self.names))
 
+    @property
+    def num_trained(self) -> int:
+        """``t - floor(r * t)``: units trained in every step."""
+        return len(self.names) - self.num_frozen
+
     def reserved_slots(self, n_train: int) -> int:
         """Trained slots reserved for the least recently trained units:
         ``floor(reserve_fraction * n_train)``, at least 1 when the fraction is
@@ -137,7 +142,7 @@ class InterLayerScheduler:
         Consumes random numbers: call once per optimizer step.
         """
         t = len(self.names)
-        n_train = t - self.num_frozen
+        n_train = self.num_trained
         ties = [self._rng.random() for _ in range(t)]  # one per unit, as always
         scores, ages, cap = self.effective_scores(), self.ages, self.max_frozen_age
         first, rest = [], []  # (1) never measured, (2) forced by age; the rest
