@@ -18,7 +18,7 @@ seed 0), ``lr`` (peak learning rates of both arms), ``rate`` (r in
 0.5/0.8/0.95), ``short`` (0.2 and 1 epoch), ``peers`` (LoRA on the movie
 task), ``trec`` (full fine-tuning vs the defaults on TREC questions: held
 out, the check a new user makes, until its gap chose ``reserve_fraction``,
-which the three study tasks then checked: 7 of 9 runs so far). Each run
+which the three study tasks then checked at 3 seeds). Each run
 records the code version it ran (``FIDELITY_CODE``, set by whoever starts
 the study from a snapshot). ``--only`` runs given run ids. A short-budget
 arm is paired with full fine-tuning at the same budget (:func:`reference`).
