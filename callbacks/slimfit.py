@@ -13,13 +13,13 @@ import pathlib
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from slimfit.callbacks.checks import (check_fit_start, check_single_process, check_strategy,
                                       loss_of)
 from slimfit.compress import CompressionConfig
 from slimfit.config import SlimFitConfig
-from slimfit.errors import SlimFitError
+from slimfit.errors import ShortBudgetWarning, SlimFitError
 from slimfit.planner import Plan, optimizer_like, parse_budget, plan_for_budget
 from slimfit.session import SessionConfig, SlimFitSession
 from slimfit.stream import StreamConfig
@@ -47,6 +47,11 @@ class SlimFit(pl.Callback):
     Raises:
         SlimFitError: invalid options (at construction); unsupported setups,
             patterns that match nothing or no candidate (at ``setup``).
+
+    Warns:
+        ShortBudgetWarning: at fit start (after planning, with a budget), when
+            the run's steps train each unit fewer times than the fidelity study
+            needed to keep accuracy; it names the steps or rate that suffice.
 
     Example: ``L.Trainer(callbacks=[SlimFit(freeze_rate=0.9, compression=True)])``.
     """
@@ -99,6 +104,13 @@ class SlimFit(pl.Callback):
         check_fit_start(pl_module, trainer.optimizers, self.session.units)
         if self.memory_budget is None:
             self.session.start(trainer.optimizers[0])
+            self._warn_if_short(trainer)
+
+    def _warn_if_short(self, trainer) -> None:
+        # estimated_stepping_batches is inf for an open-ended run: no warning then
+        note = self.session.short_budget_note(float(trainer.estimated_stepping_batches))
+        if note is not None:
+            rank_zero_warn(note, category=ShortBudgetWarning)
 
     def _make_plan(self, trainer, pl_module, batch, batch_idx) -> None:
         opt = trainer.optimizers[0]
@@ -112,6 +124,7 @@ class SlimFit(pl.Callback):
         self.session = SlimFitSession(pl_module, self.plan.config).start(opt)
         if resumed is not None:  # scores, ages and history survive re-planning after a resume
             self.session.load_state_dict(resumed)
+        self._warn_if_short(trainer)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self._open_step == trainer.global_step:

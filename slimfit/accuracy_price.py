@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import math
 
-__all__ = ["Price", "MEASURED", "COMPRESSION", "expected_price", "compression_price"]
+__all__ = ["Price", "MEASURED", "COMPRESSION", "expected_price", "compression_price",
+           "BudgetRun", "BUDGET_RUNS", "STUDY_TRAINED", "short_budget_note"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,3 +124,103 @@ def expected_price(freeze_rate: float, compression: bool) -> tuple[float, str]:
     if compression and comp is None:
         note += "; compression's own price not measured yet (gradient cosine >= 0.99)"
     return gap, note
+
+
+# -- short budgets --------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class BudgetRun:
+    """One run of the defaults (r = 0.9 + compression) at some training
+    budget, paired with full fine-tuning at the same budget and seed (``gap``
+    in points)."""
+
+    task: str
+    arm: str     # "slimfit" (3 epochs), "slimfit-1ep", "slimfit-0.2ep"
+    seed: int
+    steps: int   # optimizer steps of the run
+    gap: float
+
+    @property
+    def updates(self) -> float:
+        """How many times each candidate unit trained, on average."""
+        return self.steps * STUDY_TRAINED[0] / STUDY_TRAINED[1]
+
+
+#: Units trained per step in the study: MiniLM at r = 0.9 trains 6 of its 53 candidate units.
+STUDY_TRAINED: tuple[int, int] = (6, 53)
+
+#: Every run of the defaults in the study, at 3 epochs (``slimfit``) and at the ``short``
+#: group's budgets: what a run loses when each unit trains only a few times.
+BUDGET_RUNS: tuple[BudgetRun, ...] = (
+    BudgetRun("bbc", "slimfit", 0, 159, +0.00),
+    BudgetRun("bbc", "slimfit", 1, 159, +0.00),
+    BudgetRun("bbc", "slimfit", 2, 159, +0.40),
+    BudgetRun("bbc", "slimfit-0.2ep", 0, 10, -18.40),
+    BudgetRun("bbc", "slimfit-1ep", 0, 53, -0.20),
+    BudgetRun("movie", "slimfit", 0, 801, -0.60),
+    BudgetRun("movie", "slimfit", 1, 801, -0.60),
+    BudgetRun("movie", "slimfit", 2, 801, -0.70),
+    BudgetRun("movie", "slimfit-0.2ep", 0, 53, -5.10),
+    BudgetRun("movie", "slimfit-1ep", 0, 267, -1.80),
+    BudgetRun("sms", "slimfit", 0, 357, +0.40),
+    BudgetRun("sms", "slimfit", 1, 357, +0.40),
+    BudgetRun("sms", "slimfit", 2, 357, +0.10),
+    BudgetRun("sms", "slimfit-0.2ep", 0, 23, -2.80),
+    BudgetRun("sms", "slimfit-1ep", 0, 119, -0.30),
+    BudgetRun("trec", "slimfit", 0, 456, +0.00),
+    BudgetRun("trec", "slimfit", 1, 456, -0.80),
+    BudgetRun("trec", "slimfit", 2, 456, -0.60),
+)
+
+
+def _short_threshold(runs: tuple[BudgetRun, ...],
+                     tolerance: float) -> tuple[BudgetRun, float] | None:
+    """The run with the most updates per unit that still lost more than
+    ``tolerance`` points, and the fewest updates measured above it (every run
+    from there on within the tolerance); None if no run lost that much or none
+    was measured above it (no count known to be enough)."""
+    lost = [r for r in runs if r.gap < -tolerance]
+    if not lost:
+        return None
+    worst = max(lost, key=lambda r: r.updates)
+    above = [r.updates for r in runs if r.updates > worst.updates]
+    return (worst, min(above)) if above else None
+
+
+def short_budget_note(steps: float, trained: int, units: int,
+                      tolerance: float = 1.0) -> str | None:
+    """A warning when a run of ``steps`` optimizer steps, training ``trained``
+    of its ``units`` candidate units per step, trains each unit fewer times
+    than the fidelity study needed to stay within ``tolerance`` points of full
+    fine-tuning; None when it trains them as often (or the length is unknown).
+
+    The count that matters is updates per unit (``steps * trained / units``),
+    not epochs: at r = 0.9 a unit trains in about a tenth of the steps, and a
+    large data set's single epoch can be plenty. The threshold is the fewest
+    updates the study measured above its most-updated loss past the
+    tolerance; a run between the two counts as short (the note errs towards
+    warning). The note names both runs and what reaches the count: more
+    steps, or the highest freezing rate that trains each unit often enough.
+    """
+    if not math.isfinite(steps) or steps <= 0 or units <= 0 or trained >= units:
+        return None  # length unknown, or nothing frozen: every unit trains every step
+    found = _short_threshold(BUDGET_RUNS, tolerance)
+    if found is None:
+        return None
+    worst, safe = found
+    updates = steps * trained / units
+    if updates >= safe:
+        return None
+    need_steps = math.ceil(safe * units / trained)
+    need_trained = math.ceil(safe * units / steps)  # units per step that reach it in these steps
+    if need_trained < units:
+        rate = math.floor(100 * (units - need_trained) / units) / 100  # floor(r*t) <= t - need
+        lower = f"freeze_rate <= {rate:.2f} (trains {need_trained}+ units per step)"
+    else:
+        lower = "compression alone (freeze_rate=0.0): no unit is frozen"
+    return (f"SlimFit trains each of its {units} candidate units about {updates:.1f} times in "
+            f"this run ({steps:.0f} steps, {trained} units per step). The fidelity study lost "
+            f"{-worst.gap:.2f} points to full fine-tuning at {worst.updates:.1f} updates per unit "
+            f"({worst.task}, {worst.arm}, seed {worst.seed}); every run from {safe:.1f} on stayed "
+            f"within {tolerance:g} point. For the accuracy of full fine-tuning: train >= "
+            f"{need_steps} steps, or {lower}.")

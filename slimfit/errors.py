@@ -8,7 +8,7 @@ ordinary bad-value errors they are.
 from __future__ import annotations
 
 __all__ = ["SlimFitError", "SelectionError", "CheckpointMismatchError", "UnsupportedSetupError",
-           "LedgerError", "NonFiniteError", "OptionTypeError"]
+           "LedgerError", "NonFiniteError", "OptionTypeError", "ShortBudgetWarning"]
 
 
 class SlimFitError(ValueError):
@@ -37,3 +37,8 @@ class NonFiniteError(SlimFitError):
 
 class OptionTypeError(SlimFitError, TypeError):
     """An option of the wrong type: a project error that is also a ``TypeError``."""
+
+
+class ShortBudgetWarning(UserWarning):
+    """A run too short for its freezing rate: each unit trains too few times
+    for the accuracy the fidelity study measured (filter it by this class)."""

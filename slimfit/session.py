@@ -37,6 +37,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from slimfit.accuracy_price import short_budget_note
 from slimfit.compress import ActivationCompressor, CompressionConfig
 from slimfit.config import SlimFitConfig
 from slimfit.errors import CheckpointMismatchError, OptionTypeError, SlimFitError
@@ -329,6 +330,15 @@ class SlimFitSession:
         return n
 
     # -- reporting and checkpoints ---------------------------------------------------------
+    def short_budget_note(self, total_steps: float) -> str | None:
+        """A warning if ``total_steps`` optimizer steps train each candidate unit
+        fewer times than the fidelity study needed to keep accuracy
+        (:func:`slimfit.accuracy_price.short_budget_note`); None otherwise."""
+        if self.freezer is None:
+            return None
+        return short_budget_note(total_steps, self.freezer.scheduler.num_trained,
+                                 len(self.freezer.units))
+
     def host_storage_keys(self) -> set:
         """Optimizer state held in host memory, for the memory ledger."""
         return self.offloader.host_storage_keys() if self.started and self.offloader else set()

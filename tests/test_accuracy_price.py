@@ -107,3 +107,70 @@ def test_a_rate_beyond_the_measured_ones_says_it_is_extrapolated():
     top = max(rate for rate, _ in MEASURED)
     assert "extrapolated beyond" in expected_price(min(0.99, top + 0.02), True)[1]
     assert expected_price(top / 2, True)[1].startswith(("interpolated", "inferred"))
+
+
+# -- short budgets ---------------------------------------------------------------------------------
+
+def _rows():
+    rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+    return {(r["task"], r["arm"], r["seed"]): r for r in rows}
+
+
+@pytest.mark.parametrize("run", __import__("slimfit.accuracy_price", fromlist=["x"]).BUDGET_RUNS,
+                         ids=lambda r: f"{r.task}/{r.arm}/seed{r.seed}")
+def test_budget_runs_equal_the_committed_study(run):
+    from slimfit.experiments.fidelity import reference
+    rows = _rows()
+    mine, full = rows[(run.task, run.arm, run.seed)], rows[(run.task, reference(run.arm), run.seed)]
+    assert mine["steps"] == run.steps == full["steps"]
+    assert run.gap == pytest.approx(100 * (mine["val_acc"] - full["val_acc"]), abs=0.005)
+
+
+def test_every_run_of_the_defaults_at_any_budget_is_in_the_table():
+    from slimfit.accuracy_price import BUDGET_RUNS
+    arms = ("slimfit", "slimfit-0.2ep", "slimfit-1ep")
+    recorded = {(t, a, s) for (t, a, s) in _rows() if a in arms}
+    assert recorded == {(r.task, r.arm, r.seed) for r in BUDGET_RUNS}
+
+
+def _table(monkeypatch, *runs):
+    from slimfit import accuracy_price as ap
+    monkeypatch.setattr(ap, "STUDY_TRAINED", (1, 10))  # updates per unit = steps / 10
+    monkeypatch.setattr(ap, "BUDGET_RUNS", tuple(ap.BudgetRun("t", "a", i, s, g)
+                                                 for i, (s, g) in enumerate(runs)))
+    return ap
+
+
+def test_short_budget_note_warns_below_the_first_count_past_the_last_loss(monkeypatch):
+    # lost 5 points at 6 updates per unit, within a point at 13 and 30; a loss at 2 too
+    ap = _table(monkeypatch, (20, -9.0), (60, -5.0), (130, -0.3), (300, 0.2))
+    units, trained = 50, 5  # 0.1 of the units per step
+    assert ap.short_budget_note(130, trained, units) is None        # 13 updates: as measured
+    note = ap.short_budget_note(100, trained, units)                # 10: between 6 and 13
+    assert note is not None and "about 10.0 times" in note and "lost 5.00 points" in note
+    assert "at 6.0 updates per unit" in note and "every run from 13.0 on" in note
+    assert "train >= 130 steps" in note
+
+
+def test_short_budget_note_suggests_a_rate_that_reaches_the_count(monkeypatch):
+    from slimfit.scheduler import InterLayerScheduler
+    ap = _table(monkeypatch, (60, -5.0), (130, -0.3))
+    units, trained, steps = 53, 6, 80
+    note = ap.short_budget_note(steps, trained, units)
+    rate = float(note.split("freeze_rate <= ")[1].split(" ")[0])
+    at_rate = InterLayerScheduler([f"u{i}" for i in range(units)], rate).num_trained
+    assert steps * at_rate / units >= 13.0                 # the suggestion is enough ...
+    higher = InterLayerScheduler([f"u{i}" for i in range(units)], rate + 0.02).num_trained
+    assert steps * higher / units < 13.0 or higher == at_rate  # ... and not needlessly low
+
+
+def test_short_budget_note_is_silent_when_it_cannot_know_or_nothing_is_frozen(monkeypatch):
+    ap = _table(monkeypatch, (60, -5.0), (130, -0.3))
+    assert ap.short_budget_note(float("inf"), 5, 50) is None   # open-ended run
+    assert ap.short_budget_note(10, 50, 50) is None            # every unit trains every step
+    ap = _table(monkeypatch, (60, -0.5), (130, -0.3))
+    assert ap.short_budget_note(10, 5, 50) is None             # no measured loss past a point
+    ap = _table(monkeypatch, (60, -0.5), (130, -3.0))
+    assert ap.short_budget_note(10, 5, 50) is None             # no count measured to be enough
+    note = _table(monkeypatch, (60, -5.0), (130, -0.3)).short_budget_note(5, 5, 50)
+    assert "compression alone (freeze_rate=0.0)" in note       # too few steps for any rate

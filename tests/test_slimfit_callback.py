@@ -13,7 +13,8 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
 from slimfit.callbacks import SlimFit
 from slimfit.callbacks.checks import check_strategy
-from slimfit.errors import CheckpointMismatchError, SelectionError, SlimFitError, UnsupportedSetupError
+from slimfit.errors import (CheckpointMismatchError, SelectionError, ShortBudgetWarning, SlimFitError,
+                            UnsupportedSetupError)
 
 from conftest import lit_module, no_dropout_lit, token_loader, trainer
 
@@ -87,6 +88,23 @@ def test_frozen_layers_save_memory_in_a_real_step(tmp_path):
     assert all(r.gradients < 0.5 * full for _, r in mon.history)
 
 
+
+
+def test_a_run_too_short_for_its_rate_warns_once_naming_the_fix(tmp_path):
+    with pytest.warns(ShortBudgetWarning) as rec:
+        trainer(tmp_path, max_steps=4, callbacks=[SlimFit(freeze_rate=0.9)]).fit(
+            lit_module(), token_loader())
+    notes = [str(w.message) for w in rec if issubclass(w.category, ShortBudgetWarning)]
+    assert len(notes) == 1  # 21 units, 3 trained per step: each trains ~0.6 times
+    assert "21 candidate units about 0.6 times" in notes[0] and "train >= " in notes[0]
+
+
+def test_a_run_long_enough_for_its_rate_does_not_warn(tmp_path, recwarn):
+    from slimfit.accuracy_price import short_budget_note
+    steps = next(n for n in range(1, 200) if short_budget_note(n, 11, 21) is None)  # r=0.5
+    trainer(tmp_path, max_steps=steps, callbacks=[SlimFit(freeze_rate=0.5)]).fit(
+        lit_module(), token_loader(n=4 * steps))
+    assert not [w for w in recwarn if issubclass(w.category, ShortBudgetWarning)]
 
 
 def test_resume_continues_with_the_same_decisions(tmp_path):
