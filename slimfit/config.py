@@ -46,7 +46,9 @@ class SlimFitConfig:
         score: the training-dynamics score (:mod:`slimfit.scores`):
             ``"paper"`` mean(|dW| / (|W| + eps)), ``"update_norm"``
             ||dW|| / (||W|| + eps), ``"grad_norm"`` ||g|| / (||W|| + eps),
-            ``"fisher"`` mean(g^2) * mean(W^2).
+            ``"fisher"`` mean(g^2) * mean(W^2). Default ``"paper"``: with the
+            reserved slots it lost 0.60 on movie reviews at 3 epochs where
+            ``"update_norm"`` lost 1.00 and ``"grad_norm"`` 1.10 (seed 0).
         on_nonfinite: a non-finite loss or score: ``"warn"`` (once, naming
             the step; the step's scores are not recorded) or ``"raise"``.
         train_new_heads: never freeze the parameters the pretrained checkpoint
