@@ -208,7 +208,8 @@ def report() -> str:
             acc = [100 * v for v in accs.values()]
             sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
             gap = "" if arm == ref or not gaps else (
-                f"{statistics.mean(gaps):+.2f} ± {statistics.stdev(gaps) if len(gaps) > 1 else 0:.2f}"
+                f"{round(statistics.mean(gaps), 2) + 0.0:+.2f} "  # + 0.0: no "-0.00"
+                f"± {statistics.stdev(gaps) if len(gaps) > 1 else 0:.2f}"
                 f" (n={len(gaps)})")
             lines.append(f"| {task} | {arm} | {len(acc)} | {statistics.mean(acc):.2f} ± {sd:.2f} | {gap} |")
     return "\n".join(lines)
@@ -224,13 +225,15 @@ def plot(path: str, task: str = "movie") -> pathlib.Path:
             and reference(r["arm"]) == "full"]  # 3 epochs only: short budgets are another frontier
     arms = sorted({r["arm"] for r in rows}, key=lambda a: (a != "full", a))
     fig, ax = plt.subplots(figsize=(9.5, 4.5))
-    for arm in arms:
+    colors = plt.get_cmap("tab20").colors  # 20 colours x 5 markers: no two arms look alike
+    for i, arm in enumerate(arms):
         rs = [r for r in rows if r["arm"] == arm]
         acc = [100 * r["val_acc"] for r in rs]
         mem = statistics.mean(r["memory_total"] for r in rs) / 2**20
         sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
-        ax.errorbar(mem, statistics.mean(acc), yerr=sd, fmt="s" if arm == "full" else "o",
-                    capsize=3, label=f"{arm} (n={len(acc)})")
+        ax.errorbar(mem, statistics.mean(acc), yerr=sd, capsize=3, label=f"{arm} (n={len(acc)})",
+                    fmt="s" if arm == "full" else "o^vDP"[i % 5], color=colors[(2 * i) % 20
+                                                                         + (2 * i) // 20 % 2])
     ax.set_xlabel("training memory on the ledger (MiB)")
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title(f"Fidelity study, {task}: 3 epochs, MiniLM")
