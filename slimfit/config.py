@@ -61,7 +61,9 @@ class SlimFitConfig:
             (0.99: x2 after ~70 frozen steps; ``None``: the paper's behaviour).
         selection: how the trained set is chosen from the scores: ``"topk"``
             (the highest, deterministic) or ``"sample"`` (without replacement,
-            in proportion to the scores, seeded).
+            in proportion to the scores, seeded). Default ``"topk"``: with
+            the reserved slot, ``"sample"`` lost 2.20 on movie reviews at 3
+            epochs where top-k lost 0.60 (seed 0).
         reserve_fraction: fraction in [0, 1) of the trained slots given to the
             least recently trained units (oldest frozen first; at least one
             slot when above 0), the rest going by score. Default 0.25: top-k
