@@ -225,15 +225,15 @@ def plot(path: str, task: str = "movie") -> pathlib.Path:
             and reference(r["arm"]) == "full"]  # 3 epochs only: short budgets are another frontier
     arms = sorted({r["arm"] for r in rows}, key=lambda a: (a != "full", a))
     fig, ax = plt.subplots(figsize=(9.5, 4.5))
-    colors = plt.get_cmap("tab20").colors  # 20 colours x 5 markers: no two arms look alike
+    tab20 = plt.get_cmap("tab20").colors  # dark hues first, then their light pairs
+    colors = tab20[::2] + tab20[1::2]      # 20 colours x 5 markers: no two arms look alike
     for i, arm in enumerate(arms):
         rs = [r for r in rows if r["arm"] == arm]
         acc = [100 * r["val_acc"] for r in rs]
         mem = statistics.mean(r["memory_total"] for r in rs) / 2**20
         sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
         ax.errorbar(mem, statistics.mean(acc), yerr=sd, capsize=3, label=f"{arm} (n={len(acc)})",
-                    fmt="s" if arm == "full" else "o^vDP"[i % 5], color=colors[(2 * i) % 20
-                                                                         + (2 * i) // 20 % 2])
+                    fmt="s" if arm == "full" else "o^vDP"[i % 5], color=colors[i % 20])
     ax.set_xlabel("training memory on the ledger (MiB)")
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title(f"Fidelity study, {task}: 3 epochs, MiniLM")

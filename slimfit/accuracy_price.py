@@ -145,7 +145,13 @@ class BudgetRun:
     @property
     def updates(self) -> float:
         """How many times each candidate unit trained, on average."""
-        return self.steps * STUDY_TRAINED[0] / STUDY_TRAINED[1]
+        return _updates(self.steps, *STUDY_TRAINED)
+
+
+def _updates(steps: float, trained: int, units: int) -> float:
+    """Average times each of ``units`` candidate units trains in ``steps``
+    steps that train ``trained`` of them each."""
+    return steps * trained / units
 
 
 #: Units trained per step in the study: MiniLM at r = 0.9 trains 6 of its 53 candidate units.
@@ -210,7 +216,7 @@ def short_budget_note(steps: float, trained: int, units: int,
     if found is None:
         return None
     worst, safe = found
-    updates = steps * trained / units
+    updates = _updates(steps, trained, units)
     if updates >= safe:
         return None
     need_steps = math.ceil(safe * units / trained)

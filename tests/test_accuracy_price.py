@@ -12,10 +12,15 @@ from slimfit.accuracy_price import MEASURED, expected_price
 RESULTS = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "results" / "fidelity.jsonl"
 
 
+def _rows():
+    """{(task, arm, seed): recorded run} of the committed study."""
+    rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+    return {(r["task"], r["arm"], r["seed"]): r for r in rows}
+
+
 def _accuracies():
     """{(task, arm, seed): validation accuracy} of the committed study."""
-    rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
-    return {(r["task"], r["arm"], r["seed"]): r["val_acc"] for r in rows}
+    return {key: r["val_acc"] for key, r in _rows().items()}
 
 
 def _paired_gaps(task, arm, against="full"):
@@ -110,11 +115,6 @@ def test_a_rate_beyond_the_measured_ones_says_it_is_extrapolated():
 
 
 # -- short budgets ---------------------------------------------------------------------------------
-
-def _rows():
-    rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
-    return {(r["task"], r["arm"], r["seed"]): r for r in rows}
-
 
 @pytest.mark.parametrize("run", __import__("slimfit.accuracy_price", fromlist=["x"]).BUDGET_RUNS,
                          ids=lambda r: f"{r.task}/{r.arm}/seed{r.seed}")
