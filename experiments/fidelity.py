@@ -9,7 +9,7 @@ sessions: runs already in that file are skipped).
     python -m slimfit.experiments.fidelity --list                # what would run
     python -m slimfit.experiments.fidelity --groups core         # core comparison
     OMP_NUM_THREADS=1 nohup python -m slimfit.experiments.fidelity --groups core &
-    python -m slimfit.experiments.fidelity --report              # paired gaps, table
+    python -m slimfit.experiments.fidelity --report              # paired gaps, lr sweep
 
 Groups (``GROUPS``): ``core`` (full fine-tuning vs SlimFit r=0.9 +
 compression, three tasks x seeds 0-2; ``core0``: seed 0 only), ``ablation``
@@ -21,7 +21,9 @@ out, the check a new user makes, until its gap chose ``reserve_fraction``,
 which the three study tasks then checked at 3 seeds). Each run
 records the code version it ran (``FIDELITY_CODE``, set by whoever starts
 the study from a snapshot). ``--only`` runs given run ids. A short-budget
-arm is paired with full fine-tuning at the same budget (:func:`reference`).
+arm is paired with full fine-tuning at the same budget (:func:`reference`);
+the ``lr`` arms are also tabled by peak lr (:func:`lr_sweep`), each family
+paired with full fine-tuning at the same lr and shown at its own best lr.
 
 When a default changes, the runs recorded before it keep their results but
 are relabelled with the old setting made explicit in their overrides and arm
@@ -215,6 +217,63 @@ def report() -> str:
     return "\n".join(lines)
 
 
+def _default_lr() -> float:
+    """The task config's peak learning rate: what an arm without ``@lr`` ran at."""
+    from omegaconf import OmegaConf
+    from slimfit.experiments.train import CONFIG_DIR
+    return float(OmegaConf.load(pathlib.Path(CONFIG_DIR) / "task" / "classification.yaml").lr)
+
+
+def lr_sweep(task: str = "movie") -> str:
+    """The learning-rate sweep as a table: each family (``full``, ``slimfit``,
+    ...) at each peak lr it ran at (its plain arm at the task's default), the
+    paired gap to full fine-tuning at the same lr and seed, and each family at
+    its own best lr, so that no arm is judged at a rate that handicaps it.
+    Empty when no ``@lr`` arm of ``task`` has run."""
+    done = [r for r in _done().values() if r["task"] == task]
+    swept = {r["arm"].split("@lr", 1)[0] for r in done
+             if "@lr" in r["arm"] and "@" not in r["arm"].split("@lr", 1)[1]}
+    if not swept:
+        return ""
+    families = ["full", *sorted(swept - {"full"})]
+    default = _default_lr()
+    acc: dict[tuple[str, float], dict[int, float]] = {}  # (family, lr) -> seed -> accuracy %
+    for r in done:
+        fam, _, lr = r["arm"].partition("@lr")
+        if fam in families and "@" not in lr:
+            acc.setdefault((fam, float(lr) if lr else default), {})[r["seed"]] = 100 * r["val_acc"]
+    lrs = sorted({lr for _, lr in acc})
+
+    def name(lr: float) -> str:  # 1e-4, as the arms spell it
+        return f"{lr:.0e}".replace("e-0", "e-")
+    head = ["peak lr", *families, *(f"{f} - full (same lr, paired)" for f in families[1:])]
+    lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
+
+    def cell(vals: list[float], sign: str = "") -> str:
+        if not vals:
+            return ""
+        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        mean = round(statistics.mean(vals), 2) + 0.0  # + 0.0: no "-0.00"
+        return f"{mean:{sign}.2f} ± {sd:.2f} (n={len(vals)})"
+
+    def gap(a: dict[int, float], b: dict[int, float]) -> str:
+        return cell([a[s] - b[s] for s in sorted(a) if s in b], "+")
+
+    for lr in lrs:
+        row = [name(lr) + (" (default)" if lr == default else "")]
+        row += [cell(list(acc.get((f, lr), {}).values())) for f in families]
+        row += [gap(acc.get((f, lr), {}), acc.get(("full", lr), {})) for f in families[1:]]
+        lines.append("| " + " | ".join(row) + " |")
+    best = {f: max((lr for lr in lrs if (f, lr) in acc),
+                   key=lambda lr: statistics.mean(acc[(f, lr)].values())) for f in families}
+    lines.append("")
+    lines.append("Each at its best lr (highest mean): " + "; ".join(
+        f"{f} {statistics.mean(acc[(f, best[f])].values()):.2f} at {name(best[f])}" for f in families)
+        + "".join(f"; {f} - full, each at its best, paired: {gap(acc[(f, best[f])], acc[('full', best['full'])]) or 'no shared seed'}"
+                  for f in families[1:]))
+    return "\n".join(lines)
+
+
 def plot(path: str, task: str = "movie") -> pathlib.Path:
     """Accuracy against ledger memory, one point per 3-epoch arm of ``task``
     (mean over seeds, error bar: std), full fine-tuning marked: the study's frontier."""
@@ -258,6 +317,9 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.report:
         print(report())
+        sweep = lr_sweep()
+        if sweep:
+            print("\nLearning-rate sweep, movie reviews (3 epochs):\n" + sweep)
         if args.plot:
             print(f"frontier plot: {plot(args.plot)}")
         return

@@ -83,3 +83,21 @@ def test_every_recorded_run_ran_its_arm():
             ran, now = compose("train", overrides=[*base, *overrides]), \
                 compose("train", overrides=[*base, *fidelity.ARMS[arm]])
             assert ran == now, f"{task}/{arm}: recorded overrides {list(overrides)} differ from the arm's"
+
+
+def test_lr_sweep_pairs_at_the_same_lr_and_names_each_arm_at_its_best(tmp_path, monkeypatch):
+    _report(tmp_path, monkeypatch, (
+        ("full", 0, 0.85), ("full", 1, 0.87), ("full@lr2e-4", 0, 0.84), ("full@lr2e-4", 1, 0.86),
+        ("slimfit", 0, 0.83), ("slimfit", 1, 0.85), ("slimfit@lr2e-4", 0, 0.86),
+        ("slimfit@lr2e-4@topk", 0, 0.10)))  # another setting besides the lr: not in the sweep
+    table = fidelity.lr_sweep()
+    assert "| 1e-4 (default) | 86.00 ± 1.41 (n=2) | 84.00 ± 1.41 (n=2) | -2.00 ± 0.00 (n=2) |" in table
+    assert "| 2e-4 | 85.00 ± 1.41 (n=2) | 86.00 ± 0.00 (n=1) | +2.00 ± 0.00 (n=1) |" in table
+    # each at its best: full at 1e-4 (86.00), slimfit at 2e-4 (86.00), paired on seed 0: 86 - 85
+    assert "full 86.00 at 1e-4; slimfit 86.00 at 2e-4" in table
+    assert "slimfit - full, each at its best, paired: +1.00 ± 0.00 (n=1)" in table
+
+
+def test_lr_sweep_is_empty_without_an_lr_arm(tmp_path, monkeypatch):
+    _report(tmp_path, monkeypatch, (("full", 0, 0.85), ("slimfit", 0, 0.84)))
+    assert fidelity.lr_sweep() == ""
