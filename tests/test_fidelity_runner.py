@@ -98,6 +98,13 @@ def test_lr_sweep_pairs_at_the_same_lr_and_names_each_arm_at_its_best(tmp_path, 
     assert "slimfit - full, each at its best, paired: +1.00 ± 0.00 (n=1)" in table
 
 
+def test_lr_sweep_ranks_lrs_on_the_seeds_they_share(tmp_path, monkeypatch):
+    # 2e-4's one seed is the weaker one at 1e-4 too: on seed 0, 2e-4 wins (84 > 83),
+    # though 1e-4's mean over both seeds (85) is higher
+    _report(tmp_path, monkeypatch, (("full", 0, 0.83), ("full", 1, 0.87), ("full@lr2e-4", 0, 0.84)))
+    assert "full 84.00 at 2e-4" in fidelity.lr_sweep()
+
+
 def test_lr_sweep_is_empty_without_an_lr_arm(tmp_path, monkeypatch):
     _report(tmp_path, monkeypatch, (("full", 0, 0.85), ("slimfit", 0, 0.84)))
     assert fidelity.lr_sweep() == ""
