@@ -21,7 +21,8 @@ out, the check a new user makes, until its gap chose ``reserve_fraction``,
 which the three study tasks then checked at 3 seeds). Each run
 records the code version it ran (``FIDELITY_CODE``, set by whoever starts
 the study from a snapshot). ``--only`` runs given run ids. A short-budget
-arm is paired with full fine-tuning at the same budget (:func:`reference`);
+arm, and one without warm-up or at another peak lr, is paired with full
+fine-tuning under the same setting (:func:`reference`);
 the ``lr`` arms are also tabled by peak lr (:func:`lr_sweep`), each family
 paired with full fine-tuning at the same lr and shown at its own best lr.
 
@@ -92,8 +93,6 @@ ARMS: dict[str, list[str]] = {
     "slimfit-sample": ["slimfit=r090_compress", "+slimfit.selection=sample"],
     # every trained slot by score (the paper's top-k; the default until the study)
     "slimfit-topk": ["slimfit=r090_compress", "+slimfit.reserve_fraction=0.0"],
-    "slimfit-nowarmup": ["slimfit=r090_compress", "task.warmup_fraction=0.0"],
-    "full-nowarmup": ["slimfit=full", "task.warmup_fraction=0.0"],
 }
 for _lr in ("5e-5", "2e-4", "3e-4"):
     ARMS[f"full@lr{_lr}"] = ["slimfit=full", f"task.lr={_lr}"]
@@ -104,12 +103,18 @@ for _arm in ("slimfit-lrscale1", "slimfit-lrscale1@lr3e-4"):
     ARMS[f"{_arm}@fp32-linear"] = [*ARMS[_arm], "slimfit.compression.linear_input=none"]
 for _r in ("0.5", "0.8", "0.95"):
     ARMS[f"slimfit-r{_r}"] = ["slimfit=r090_compress", f"slimfit.freeze_rate={_r}"]
-# short budgets, a fraction of each task's own epoch (the schedule's length follows:
-# tasks.py sizes warm-up and decay from Lightning's estimated_stepping_batches)
-for _name, _budget in (("0.2ep", ["trainer.max_epochs=1", "+trainer.limit_train_batches=0.2"]),
-                       ("1ep", ["trainer.max_epochs=1"])):
-    ARMS[f"full-{_name}"] = ["slimfit=full", *_budget]
-    ARMS[f"slimfit-{_name}"] = ["slimfit=r090_compress", *_budget]
+#: training settings both arms run under, each a ``full-<name>`` and a
+#: ``slimfit-<name>`` arm: SlimFit's run under one is paired with full
+#: fine-tuning's under the same (:func:`reference`), so the gap is SlimFit's own.
+#: Short budgets are a fraction of each task's own epoch (the schedule's length
+#: follows: tasks.py sizes warm-up and decay from ``estimated_stepping_batches``).
+SHARED_SETTINGS = {"0.2ep": ["trainer.max_epochs=1", "+trainer.limit_train_batches=0.2"],
+                   "1ep": ["trainer.max_epochs=1"],
+                   # the reference code's schedule: linear decay from the peak, no warm-up
+                   "nowarmup": ["task.warmup_fraction=0.0"]}
+for _name, _setting in SHARED_SETTINGS.items():
+    ARMS[f"full-{_name}"] = ["slimfit=full", *_setting]
+    ARMS[f"slimfit-{_name}"] = ["slimfit=r090_compress", *_setting]
 # freezing runs recorded before reserve_fraction=0.25 became the default, kept apart
 for _arm in ("slimfit-paper-eager", "slimfit-lrscale1@fp32-linear",
              "slimfit-lrscale1@lr3e-4@fp32-linear", "slimfit-fp32-linear", "slimfit-nocompress",
@@ -186,16 +191,21 @@ def run_one(run_id: str, task: str, arm: str, seed: int, overrides: list[str]) -
 
 
 def reference(arm: str) -> str:
-    """The full fine-tuning arm ``arm`` is paired with: the one at the same
-    training budget (``slimfit-0.2ep`` -> ``full-0.2ep``), else ``full``."""
-    base = arm.split("@", 1)[0]  # "slimfit-0.2ep@topk": the budget is in the base name
-    budget = base.rsplit("-", 1)[1] if base.endswith("ep") and "-" in base else None
-    return f"full-{budget}" if budget else "full"
+    """The full fine-tuning arm ``arm`` is paired with: the one under the same
+    training setting (:data:`SHARED_SETTINGS`: budget, schedule, peak lr:
+    ``slimfit-0.2ep@topk`` -> ``full-0.2ep``, ``slimfit-nowarmup`` ->
+    ``full-nowarmup``, ``slimfit@lr2e-4`` -> ``full@lr2e-4``), else ``full``."""
+    base, _, rest = arm.partition("@")
+    lr = rest.split("@", 1)[0]
+    if lr.startswith("lr") and f"full@{lr}" in ARMS:
+        return f"full@{lr}"
+    setting = base.rsplit("-", 1)[1] if "-" in base else ""
+    return f"full-{setting}" if setting in SHARED_SETTINGS else "full"
 
 
 def report() -> str:
     """Per-task paired gaps (arm minus full fine-tuning at the same seed and
-    training budget), mean ± std."""
+    training setting: :func:`reference`), mean ± std."""
     done = list(_done().values())
     lines = ["| task | arm | seeds | accuracy % (mean ± std) | paired gap vs full (points) |",
              "|---|---|---:|---:|---:|"]
@@ -279,13 +289,14 @@ def lr_sweep(task: str = "movie") -> str:
 
 
 def plot(path: str, task: str = "movie") -> pathlib.Path:
-    """Accuracy against ledger memory, one point per 3-epoch arm of ``task``
+    """Accuracy against ledger memory, one point per arm of ``task`` at the default setting
     (mean over seeds, error bar: std), full fine-tuning marked: the study's frontier."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = [r for r in _done().values() if r["task"] == task and r.get("memory_total")
-            and reference(r["arm"]) == "full"]  # 3 epochs only: short budgets are another frontier
+            and reference(r["arm"]) == "full"]  # the default setting only: a budget, schedule
+    # or lr of its own is another frontier (the lr sweep has its own table)
     arms = sorted({r["arm"] for r in rows}, key=lambda a: (a != "full", a))
     fig, ax = plt.subplots(figsize=(9.5, 4.5))
     tab20 = plt.get_cmap("tab20").colors  # dark hues first, then their light pairs

@@ -70,6 +70,18 @@ def test_a_short_budget_arm_is_paired_with_full_fine_tuning_at_that_budget(tmp_p
     assert fidelity.reference("slimfit-1ep") == "full-1ep" and fidelity.reference("lora") == "full"
 
 
+@pytest.mark.parametrize("arm, ref", [
+    ("slimfit-0.2ep@topk", "full-0.2ep"), ("slimfit-nowarmup", "full-nowarmup"),
+    ("full-nowarmup", "full-nowarmup"), ("slimfit@lr2e-4", "full@lr2e-4"),
+    ("slimfit-lrscale1@lr3e-4@fp32-linear@topk", "full@lr3e-4"), ("full@lr5e-5", "full@lr5e-5"),
+    ("full-8bit", "full"), ("slimfit-r0.8", "full"), ("slimfit-lrscale1@fp32-linear@topk", "full"),
+    ("slimfit-paper-eager@topk", "full")])
+def test_each_arm_is_paired_with_full_fine_tuning_under_its_training_setting(arm, ref):
+    # budget, schedule and lr are settings of the training, not of SlimFit: a gap
+    # across them would charge SlimFit with the setting's own effect
+    assert fidelity.reference(arm) == ref and ref in fidelity.ARMS
+
+
 def test_every_recorded_run_ran_its_arm():
     # a default that changes relabels the runs made before it (old setting made explicit):
     # each recorded run's overrides must compose to the configuration its arm composes to
