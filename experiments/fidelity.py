@@ -227,11 +227,14 @@ def report() -> str:
     return "\n".join(lines)
 
 
-def _default_lr() -> float:
-    """The task config's peak learning rate: what an arm without ``@lr`` ran at."""
-    from omegaconf import OmegaConf
+def _default_lr(task: str) -> float:
+    """The peak learning rate ``task``'s experiment composes to: what an arm
+    without ``@lr`` ran at (composed, so an experiment that sets its own counts)."""
+    from hydra import compose, initialize_config_dir
     from slimfit.experiments.train import CONFIG_DIR
-    return float(OmegaConf.load(pathlib.Path(CONFIG_DIR) / "task" / "classification.yaml").lr)
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={TASKS[task]}", "output_dir=/tmp/unused"])
+    return float(cfg.task.lr)
 
 
 def lr_sweep(task: str = "movie") -> str:
@@ -246,7 +249,7 @@ def lr_sweep(task: str = "movie") -> str:
     if not swept:
         return ""
     families = ["full", *sorted(swept - {"full"})]
-    default = _default_lr()
+    default = _default_lr(task)
     acc: dict[tuple[str, float], dict[int, float]] = {}  # (family, lr) -> seed -> accuracy %
     for r in done:
         fam, _, lr = r["arm"].partition("@lr")
@@ -280,11 +283,12 @@ def lr_sweep(task: str = "movie") -> str:
         common = set.intersection(*(set(acc[(f, lr)]) for lr in ran))
         best[f] = max(ran, key=lambda lr: statistics.mean(
             v for s, v in acc[(f, lr)].items() if s in common or not common))
-    lines.append("")
-    lines.append("Each at its best lr (highest mean on the seeds all its lrs ran): " + "; ".join(
-        f"{f} {statistics.mean(acc[(f, best[f])].values()):.2f} at {name(best[f])}" for f in families)
-        + "".join(f"; {f} - full, each at its best, paired: {gap(acc[(f, best[f])], acc[('full', best['full'])]) or 'no shared seed'}"
-                  for f in families[1:]))
+    at_best = [f"{f} {statistics.mean(acc[(f, best[f])].values()):.2f} at {name(best[f])}"
+               for f in families]
+    at_best += [f"{f} - full, each at its best, paired: "
+                + (gap(acc[(f, best[f])], acc[("full", best["full"])]) or "no shared seed")
+                for f in families[1:]]
+    lines += ["", "Each at its best lr (highest mean on the seeds all its lrs ran): " + "; ".join(at_best)]
     return "\n".join(lines)
 
 

@@ -36,8 +36,8 @@ class SlimFitConfig:
             frozen steps (``None``: the paper's behaviour, where stale scores
             age only implicitly as the learning rate decays). Not the
             default: at 20 it lost 1.40 on movie reviews at 3 epochs where
-            the default lost 0.60 (seed 0; the forced returns, ~2.7 of
-            MiniLM's 6 trained slots a step, crowd out the units still
+            the default lost 0.60 (seed 0; the forced returns, up to ~2.7
+            of MiniLM's 6 trained slots a step, crowd out the units still
             learning); ``reserve_fraction`` ages units more gently.
         score_eps: epsilon in ``|W_new - W_old| / (|W_old| + eps)``.
         lr_normalized: divide each score by the learning rate its step used.
