@@ -203,6 +203,16 @@ def reference(arm: str) -> str:
     return f"full-{setting}" if setting in SHARED_SETTINGS else "full"
 
 
+def _summary(vals: list[float], sign: str = "") -> str:
+    """``mean ± std (n=k)`` of ``vals`` to 2 decimals (``sign="+"``: signed, as
+    gaps are written); empty for no values."""
+    if not vals:
+        return ""
+    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    mean = round(statistics.mean(vals), 2) + 0.0  # + 0.0: no "-0.00"
+    return f"{mean:{sign}.2f} ± {sd:.2f} (n={len(vals)})"
+
+
 def report() -> str:
     """Per-task paired gaps (arm minus full fine-tuning at the same seed and
     training setting: :func:`reference`), mean ± std."""
@@ -219,10 +229,7 @@ def report() -> str:
                     if (task, ref, s) in keyed]
             acc = [100 * v for v in accs.values()]
             sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
-            gap = "" if arm == ref or not gaps else (
-                f"{round(statistics.mean(gaps), 2) + 0.0:+.2f} "  # + 0.0: no "-0.00"
-                f"± {statistics.stdev(gaps) if len(gaps) > 1 else 0:.2f}"
-                f" (n={len(gaps)})")
+            gap = "" if arm == ref else _summary(gaps, "+")
             lines.append(f"| {task} | {arm} | {len(acc)} | {statistics.mean(acc):.2f} ± {sd:.2f} | {gap} |")
     return "\n".join(lines)
 
@@ -243,39 +250,33 @@ def lr_sweep(task: str = "movie") -> str:
     paired gap to full fine-tuning at the same lr and seed, and each family at
     its own best lr, so that no arm is judged at a rate that handicaps it.
     Empty when no ``@lr`` arm of ``task`` has run."""
-    done = [r for r in _done().values() if r["task"] == task]
-    swept = {r["arm"].split("@lr", 1)[0] for r in done
-             if "@lr" in r["arm"] and "@" not in r["arm"].split("@lr", 1)[1]}
+    # (family, "2e-4" or "" for the default lr, run); another setting after the lr: not the sweep's
+    runs = [(fam, lr, r) for r in _done().values() if r["task"] == task
+            for fam, _, lr in [r["arm"].partition("@lr")] if "@" not in lr]
+    swept = {fam for fam, lr, _ in runs if lr}
     if not swept:
         return ""
-    families = ["full", *sorted(swept - {"full"})]
     default = _default_lr(task)
     acc: dict[tuple[str, float], dict[int, float]] = {}  # (family, lr) -> seed -> accuracy %
-    for r in done:
-        fam, _, lr = r["arm"].partition("@lr")
-        if fam in families and "@" not in lr:
+    for fam, lr, r in runs:
+        if fam in swept | {"full"}:
             acc.setdefault((fam, float(lr) if lr else default), {})[r["seed"]] = 100 * r["val_acc"]
+    families = sorted({fam for fam, _ in acc}, key=lambda f: (f != "full", f))
+    others = [f for f in families if f != "full"]
     lrs = sorted({lr for _, lr in acc})
 
     def name(lr: float) -> str:  # 1e-4, as the arms spell it
         return f"{lr:.0e}".replace("e-0", "e-")
-    head = ["peak lr", *families, *(f"{f} - full (same lr, paired)" for f in families[1:])]
+    head = ["peak lr", *families, *(f"{f} - full (same lr, paired)" for f in others)]
     lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
 
-    def cell(vals: list[float], sign: str = "") -> str:
-        if not vals:
-            return ""
-        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        mean = round(statistics.mean(vals), 2) + 0.0  # + 0.0: no "-0.00"
-        return f"{mean:{sign}.2f} ± {sd:.2f} (n={len(vals)})"
-
     def gap(a: dict[int, float], b: dict[int, float]) -> str:
-        return cell([a[s] - b[s] for s in sorted(a) if s in b], "+")
+        return _summary([a[s] - b[s] for s in sorted(a) if s in b], "+")
 
     for lr in lrs:
         row = [name(lr) + (" (default)" if lr == default else "")]
-        row += [cell(list(acc.get((f, lr), {}).values())) for f in families]
-        row += [gap(acc.get((f, lr), {}), acc.get(("full", lr), {})) for f in families[1:]]
+        row += [_summary(list(acc.get((f, lr), {}).values())) for f in families]
+        row += [gap(acc.get((f, lr), {}), acc.get(("full", lr), {})) for f in others]
         lines.append("| " + " | ".join(row) + " |")
     best = {}
     for f in families:  # ranked on the seeds every lr of f ran (if any): equal footing
@@ -286,8 +287,8 @@ def lr_sweep(task: str = "movie") -> str:
     at_best = [f"{f} {statistics.mean(acc[(f, best[f])].values()):.2f} at {name(best[f])}"
                for f in families]
     at_best += [f"{f} - full, each at its best, paired: "
-                + (gap(acc[(f, best[f])], acc[("full", best["full"])]) or "no shared seed")
-                for f in families[1:]]
+                + (gap(acc[(f, best[f])], acc.get(("full", best.get("full")), {})) or "no shared seed")
+                for f in others]
     lines += ["", "Each at its best lr (highest mean on the seeds all its lrs ran): " + "; ".join(at_best)]
     return "\n".join(lines)
 
