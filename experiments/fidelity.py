@@ -14,7 +14,8 @@ sessions: runs already in that file are skipped).
 Groups (``GROUPS``): ``core`` (full fine-tuning vs SlimFit r=0.9 +
 compression, three tasks x seeds 0-2; ``core0``: seed 0 only), ``ablation``
 (head, score, staleness, schedule, selection on the movie task; ``ablation0``:
-seed 0), ``lr`` (peak learning rates of both arms), ``rate`` (r in
+seed 0), ``lr`` (peak learning rates of full fine-tuning, SlimFit and
+LoRA), ``rate`` (r in
 0.5/0.8/0.95), ``short`` (0.2 and 1 epoch), ``peers`` (LoRA on the movie
 task), ``trec`` (full fine-tuning vs the defaults on TREC questions: held
 out, the check a new user makes, until its gap chose ``reserve_fraction``,
@@ -98,6 +99,10 @@ for _lr in ("5e-5", "2e-4", "3e-4"):
     ARMS[f"full@lr{_lr}"] = ["slimfit=full", f"task.lr={_lr}"]
     ARMS[f"slimfit@lr{_lr}"] = ["slimfit=r090_compress", f"task.lr={_lr}"]
     ARMS[f"slimfit-lrscale1@lr{_lr}"] = [*ARMS["slimfit-lrscale1"], f"task.lr={_lr}"]
+# LoRA's own sweep around its usual 5e-4 (the plain "lora" arm): a peer judged at a rate
+# that handicaps it would flatter SlimFit
+for _lr in ("2e-4", "1e-3"):
+    ARMS[f"lora@lr{_lr}"] = [*ARMS["lora"], f"task.lr={_lr}"]
 # ablations first run before int8 Linear inputs became the default, kept apart
 for _arm in ("slimfit-lrscale1", "slimfit-lrscale1@lr3e-4"):
     ARMS[f"{_arm}@fp32-linear"] = [*ARMS[_arm], "slimfit.compression.linear_input=none"]
@@ -234,19 +239,22 @@ def report() -> str:
     return "\n".join(lines)
 
 
-def _default_lr(task: str) -> float:
-    """The peak learning rate ``task``'s experiment composes to: what an arm
-    without ``@lr`` ran at (composed, so an experiment that sets its own counts)."""
+def _default_lr(task: str, arm: str = "full") -> float:
+    """The peak learning rate ``arm`` composes to on ``task`` without ``@lr``
+    (composed, so an experiment or a method that sets its own counts: LoRA's
+    method file sets 5e-4)."""
     from hydra import compose, initialize_config_dir
     from slimfit.experiments.train import CONFIG_DIR
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=[f"experiment={TASKS[task]}", "output_dir=/tmp/unused"])
+        cfg = compose("train", overrides=[f"experiment={TASKS[task]}", "output_dir=/tmp/unused",
+                                          *ARMS[arm]])
     return float(cfg.task.lr)
 
 
 def lr_sweep(task: str = "movie") -> str:
     """The learning-rate sweep as a table: each family (``full``, ``slimfit``,
-    ...) at each peak lr it ran at (its plain arm at the task's default), the
+    ...) at each peak lr it ran at (its plain arm at its own default: the
+    task's, or what its method sets, LoRA's 5e-4), the
     paired gap to full fine-tuning at the same lr and seed, and each family at
     its own best lr, so that no arm is judged at a rate that handicaps it.
     Empty when no ``@lr`` arm of ``task`` has run."""
@@ -256,11 +264,12 @@ def lr_sweep(task: str = "movie") -> str:
     swept = {fam for fam, lr, _ in runs if lr}
     if not swept:
         return ""
-    default = _default_lr(task)
+    # each family's plain arm ran at its own default (the task's; LoRA's method sets its own)
+    defaults = {fam: _default_lr(task, fam) for fam in swept | {"full"}}
     acc: dict[tuple[str, float], dict[int, float]] = {}  # (family, lr) -> seed -> accuracy %
     for fam, lr, r in runs:
-        if fam in swept | {"full"}:
-            acc.setdefault((fam, float(lr) if lr else default), {})[r["seed"]] = 100 * r["val_acc"]
+        if fam in defaults:
+            acc.setdefault((fam, float(lr) if lr else defaults[fam]), {})[r["seed"]] = 100 * r["val_acc"]
     families = sorted({fam for fam, _ in acc}, key=lambda f: (f != "full", f))
     others = [f for f in families if f != "full"]
     lrs = sorted({lr for _, lr in acc})
@@ -274,7 +283,9 @@ def lr_sweep(task: str = "movie") -> str:
         return _summary([a[s] - b[s] for s in sorted(a) if s in b], "+")
 
     for lr in lrs:
-        row = [name(lr) + (" (default)" if lr == default else "")]
+        own = [f for f in families if defaults[f] == lr and defaults[f] != defaults["full"]]
+        row = [name(lr) + (" (default)" if lr == defaults["full"] else
+                           f" ({', '.join(own)} default)" if own else "")]
         row += [_summary(list(acc.get((f, lr), {}).values())) for f in families]
         row += [gap(acc.get((f, lr), {}), acc.get(("full", lr), {})) for f in others]
         lines.append("| " + " | ".join(row) + " |")
