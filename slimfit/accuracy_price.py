@@ -38,6 +38,7 @@ class Price:
 #: Full fine-tuning (rate 0, no compression) is the reference: price 0.
 MEASURED: dict[tuple[float, bool], Price] = {
     (0.0, True): Price(gap=-0.30, runs=1, arm="compress-only", task="movie"),
+    (0.5, True): Price(gap=-0.10, runs=2, arm="slimfit-r0.5", task="movie"),
     (0.8, True): Price(gap=0.00, runs=2, arm="slimfit-r0.8", task="movie"),
     # every task with paired runs at the defaults, TREC included
     (0.9, True): Price(gap=-0.17, runs=12, arm="slimfit", task="all"),

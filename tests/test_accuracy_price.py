@@ -88,7 +88,7 @@ def test_a_measured_gain_from_compression_is_not_a_discount(monkeypatch):
     assert ap.compression_price() == 0.0
     monkeypatch.setattr(ap, "COMPRESSION", None)
     assert ap.compression_price() is None
-    assert "not measured yet" in ap.expected_price(0.5, True)[1]
+    assert "not measured yet" in ap.expected_price(0.6, True)[1]
 
 
 def test_compression_alone_says_its_price_is_inferred_until_measured(monkeypatch):
