@@ -100,7 +100,7 @@ for _lr in ("5e-5", "2e-4", "3e-4"):
     ARMS[f"slimfit-lrscale1@lr{_lr}"] = [*ARMS["slimfit-lrscale1"], f"task.lr={_lr}"]
 # LoRA's own sweep around its usual 5e-4 (the plain "lora" arm): a peer judged at a rate
 # that handicaps it would flatter SlimFit
-for _lr in ("2e-4", "1e-3"):
+for _lr in ("2e-4", "1e-3", "2e-3"):
     ARMS[f"lora@lr{_lr}"] = [*ARMS["lora"], f"task.lr={_lr}"]
 # ablations first run before int8 Linear inputs became the default, kept apart
 for _arm in ("slimfit-lrscale1", "slimfit-lrscale1@lr3e-4"):
