@@ -19,8 +19,8 @@ def test_every_arm_composes_and_its_slimfit_options_build(arm):
     if cfg.slimfit.enabled:  # the callback validates every SlimFitConfig field it is given
         options = {k: v for k, v in cfg.slimfit.items() if k not in ("name", "enabled")}
         instantiate(options)
-    if arm.startswith("lora"):  # LoRA's method sets its usual 5e-4; an @lr arm overrides it
-        lr = float(arm.partition("@lr")[2] or 5e-4)
+    if arm.startswith("lora"):  # LoRA's method sets 1e-3 (its best); an @lr arm overrides it
+        lr = float(arm.partition("@lr")[2] or 1e-3)
         assert cfg.method.name == "lora" and cfg.task.lr == lr
 
 
@@ -124,13 +124,14 @@ def test_lr_sweep_is_empty_without_an_lr_arm(tmp_path, monkeypatch):
 
 
 def test_lr_sweep_places_each_plain_arm_at_its_own_default_lr(tmp_path, monkeypatch):
-    # LoRA's method file sets 5e-4: its plain arm is the 5e-4 row, not the task's 1e-4
+    # LoRA's method file sets 1e-3: its plain arm is the 1e-3 row, not the task's 1e-4
     _report(tmp_path, monkeypatch, (
-        ("full", 0, 0.85), ("full@lr2e-4", 0, 0.84), ("lora", 0, 0.84),
-        ("lora@lr2e-4", 0, 0.83), ("lora@lr1e-3", 0, 0.86)))
+        ("full", 0, 0.85), ("full@lr2e-4", 0, 0.84), ("lora", 0, 0.86),
+        ("lora@lr2e-4", 0, 0.83), ("lora@lr5e-4", 0, 0.84)))
     table = fidelity.lr_sweep()
     assert "| 1e-4 (default) | 85.00 ± 0.00 (n=1) |  |  |" in table
     assert "| 2e-4 | 84.00 ± 0.00 (n=1) | 83.00 ± 0.00 (n=1) | -1.00 ± 0.00 (n=1) |" in table
-    assert "| 5e-4 (lora default) |  | 84.00 ± 0.00 (n=1) |  |" in table
+    assert "| 5e-4 |  | 84.00 ± 0.00 (n=1) |  |" in table
+    assert "| 1e-3 (lora default) |  | 86.00 ± 0.00 (n=1) |  |" in table
     assert "lora 86.00 at 1e-3" in table
     assert "lora - full, each at its best, paired: +1.00 ± 0.00 (n=1)" in table
