@@ -278,18 +278,22 @@ def lr_sweep(task: str = "movie") -> str:
 
     def name(lr: float) -> str:  # 1e-4, as the arms spell it
         return f"{lr:.0e}".replace("e-0", "e-")
-    head = ["peak lr", *families, *(f"{f} - full (same lr, paired)" for f in others)]
-    lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
 
     def gap(a: dict[int, float], b: dict[int, float]) -> str:
         return _summary([a[s] - b[s] for s in sorted(a) if s in b], "+")
 
+    # a same-lr gap column only for a family that shares an lr and a seed with full fine-tuning
+    # (LoRA's lrs are above full fine-tuning's: its column would be empty)
+    paired = [f for f in others if any(gap(acc.get((f, lr), {}), acc.get(("full", lr), {}))
+                                       for lr in lrs)]
+    head = ["peak lr", *families, *(f"{f} - full (same lr, paired)" for f in paired)]
+    lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
     for lr in lrs:
         own = [f for f in families if defaults[f] == lr and defaults[f] != defaults["full"]]
         row = [name(lr) + (" (default)" if lr == defaults["full"] else
                            f" ({', '.join(own)} default)" if own else "")]
         row += [_summary(list(acc.get((f, lr), {}).values())) for f in families]
-        row += [gap(acc.get((f, lr), {}), acc.get(("full", lr), {})) for f in others]
+        row += [gap(acc.get((f, lr), {}), acc.get(("full", lr), {})) for f in paired]
         lines.append("| " + " | ".join(row) + " |")
     best = {}
     for f in families:  # ranked on the seeds every lr of f ran (if any): equal footing
