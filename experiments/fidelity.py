@@ -310,15 +310,22 @@ def lr_sweep(task: str = "movie") -> str:
     return "\n".join(lines)
 
 
+def _frontier_runs(task: str) -> list[dict]:
+    """The runs of ``task`` the frontier plot draws: those with a memory figure, at the
+    default training setting. A budget, schedule or lr of its own is another frontier
+    (the lr table has the sweep); an ``@lr`` arm is excluded by name, since one whose lr
+    full fine-tuning never ran (LoRA's 5e-4) is paired with plain ``full``."""
+    return [r for r in _done().values() if r["task"] == task and r.get("memory_total")
+            and reference(r["arm"]) == "full" and "@lr" not in r["arm"]]
+
+
 def plot(path: str, task: str = "movie") -> pathlib.Path:
     """Accuracy against ledger memory, one point per arm of ``task`` at the default setting
     (mean over seeds, error bar: std), full fine-tuning marked: the study's frontier."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [r for r in _done().values() if r["task"] == task and r.get("memory_total")
-            and reference(r["arm"]) == "full"]  # the default setting only: a budget, schedule
-    # or lr of its own is another frontier (the lr sweep has its own table)
+    rows = _frontier_runs(task)
     arms = sorted({r["arm"] for r in rows}, key=lambda a: (a != "full", a))
     fig, ax = plt.subplots(figsize=(9.5, 4.5))
     tab20 = plt.get_cmap("tab20").colors  # dark hues first, then their light pairs

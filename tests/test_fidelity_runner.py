@@ -135,3 +135,16 @@ def test_lr_sweep_places_each_plain_arm_at_its_own_default_lr(tmp_path, monkeypa
     assert "| 1e-3 (lora default) |  | 86.00 ± 0.00 (n=1) |  |" in table
     assert "lora 86.00 at 1e-3" in table
     assert "lora - full, each at its best, paired: +1.00 ± 0.00 (n=1)" in table
+
+
+def test_the_frontier_draws_the_default_setting_only(tmp_path, monkeypatch):
+    # a short budget, another schedule or another peak lr is not on the default frontier,
+    # LoRA's 5e-4 included (no full fine-tuning run at 5e-4: reference() alone would keep it)
+    arms = ("full", "slimfit", "lora", "lora@lr5e-4", "slimfit@lr2e-4", "full-0.2ep",
+            "slimfit-nowarmup", "slimfit-topk")
+    path = tmp_path / "fidelity.jsonl"
+    path.write_text("".join(json.dumps(dict(id=f"movie/{a}/seed0", task="movie", arm=a, seed=0,
+                                            val_acc=0.8, memory_total=1.0)) + "\n" for a in arms))
+    monkeypatch.setattr(fidelity, "RESULTS", path)
+    drawn = {r["arm"] for r in fidelity._frontier_runs("movie")}
+    assert drawn == {"full", "slimfit", "lora", "slimfit-topk"}
