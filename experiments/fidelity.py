@@ -16,9 +16,10 @@ compression, three tasks x seeds 0-2; ``core0``: seed 0 only), ``ablation``
 (head, score, staleness, schedule, selection on the movie task; ``ablation0``:
 seed 0), ``lr`` (peak learning rates of full fine-tuning, SlimFit and
 LoRA), ``rate`` (r in 0.5/0.8/0.95), ``short`` (0.2 and 1 epoch), ``peers``
-(LoRA and 8-bit AdamW on the movie task), ``trec`` (full fine-tuning vs the defaults on TREC questions: held
-out, the check a new user makes, until its gap chose ``reserve_fraction``,
-which the three study tasks then checked at 3 seeds). Each run
+(LoRA and 8-bit AdamW on the movie task), ``trec`` (full fine-tuning vs the
+defaults on TREC questions: held out, the check a new user makes, until its
+gap chose ``reserve_fraction``, which the three study tasks then checked at 3
+seeds). Each run
 records the code version it ran (``FIDELITY_CODE``, set by whoever starts
 the study from a snapshot). ``--only`` runs given run ids. A short-budget
 arm, and one without warm-up or at another peak lr, is paired with full
