@@ -198,17 +198,29 @@ def run_one(run_id: str, task: str, arm: str, seed: int, overrides: list[str]) -
     return rec
 
 
-def reference(arm: str) -> str:
-    """The full fine-tuning arm ``arm`` is paired with: the one under the same
-    training setting (:data:`SHARED_SETTINGS`: budget, schedule, peak lr:
-    ``slimfit-0.2ep@topk`` -> ``full-0.2ep``, ``slimfit-nowarmup`` ->
-    ``full-nowarmup``, ``slimfit@lr2e-4`` -> ``full@lr2e-4``), else ``full``."""
+def setting(arm: str) -> str:
+    """The training setting ``arm`` runs under, from its name: a peak lr
+    (``"lr2e-4"`` for ``slimfit@lr2e-4@topk``), a :data:`SHARED_SETTINGS` name
+    (``"0.2ep"`` for ``slimfit-0.2ep@topk``, ``"nowarmup"``), or ``""`` for the
+    default setting (``slimfit-r0.8``, ``lora``)."""
     base, _, rest = arm.partition("@")
     lr = rest.split("@", 1)[0]
-    if lr.startswith("lr") and f"full@{lr}" in ARMS:
-        return f"full@{lr}"
-    setting = base.rsplit("-", 1)[1] if "-" in base else ""
-    return f"full-{setting}" if setting in SHARED_SETTINGS else "full"
+    if lr.startswith("lr"):
+        return lr
+    name = base.rsplit("-", 1)[1] if "-" in base else ""
+    return name if name in SHARED_SETTINGS else ""
+
+
+def reference(arm: str) -> str:
+    """The full fine-tuning arm ``arm`` is paired with: the one under the same
+    training setting (:func:`setting`: ``slimfit-0.2ep@topk`` -> ``full-0.2ep``,
+    ``slimfit-nowarmup`` -> ``full-nowarmup``, ``slimfit@lr2e-4`` ->
+    ``full@lr2e-4``), else ``full`` (a peak lr full fine-tuning never ran at,
+    LoRA's 5e-4, is paired with full fine-tuning at its own)."""
+    name = setting(arm)
+    if name.startswith("lr"):
+        return f"full@{name}" if f"full@{name}" in ARMS else "full"
+    return f"full-{name}" if name else "full"
 
 
 def _summary(vals: list[float], sign: str = "") -> str:
@@ -313,11 +325,10 @@ def lr_sweep(task: str = "movie") -> str:
 
 def _frontier_runs(task: str) -> list[dict]:
     """The runs of ``task`` the frontier plot draws: those with a memory figure, at the
-    default training setting. A budget, schedule or lr of its own is another frontier
-    (the lr table has the sweep); an ``@lr`` arm is excluded by name, since one whose lr
-    full fine-tuning never ran (LoRA's 5e-4) is paired with plain ``full``."""
+    default training setting (:func:`setting`); a budget, schedule or lr of its own is
+    another frontier (the lr table has the sweep)."""
     return [r for r in _done().values() if r["task"] == task and r.get("memory_total")
-            and reference(r["arm"]) == "full" and "@lr" not in r["arm"]]
+            and setting(r["arm"]) == ""]
 
 
 def plot(path: str, task: str = "movie") -> pathlib.Path:
