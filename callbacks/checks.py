@@ -7,13 +7,16 @@ in ``setup``, before any training, and name the setting to change.
 
 from __future__ import annotations
 
+import pathlib
 from typing import Any, Sequence
 
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities import rank_zero_info
 
-from slimfit.errors import UnsupportedSetupError
+import slimfit
+from slimfit import UnsupportedSetupError
 
-__all__ = ["check_fit_start", "check_single_process", "check_strategy", "loss_of"]
+__all__ = ["check_fit_start", "check_single_process", "check_strategy", "loss_of", "output_dir"]
 
 _SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAStrategy",
             "SingleDeviceXLAStrategy")
@@ -83,3 +86,29 @@ def check_single_process(world_size: int, feature: str) -> None:
 def loss_of(out: Any):
     """The loss a ``training_step`` returned (a tensor or a dict with ``loss``)."""
     return out["loss"] if isinstance(out, dict) else out
+
+
+def _inside_package(path: pathlib.Path) -> bool:
+    """``path`` is (inside) the installed or checked-out slimfit package source."""
+    pkg = pathlib.Path(slimfit.__file__).resolve().parent
+    root = pkg.parent  # the checkout (or site-packages): its callbacks/ is ours too
+    path = path.resolve()
+    return any(path == d or d in path.parents for d in (pkg, root / "callbacks"))
+
+
+def output_dir(trainer: Any, name: str, chosen: str | None = None) -> pathlib.Path:
+    """Where a SlimFit callback writes its files: ``chosen`` if given; else
+    ``<logger's log_dir>/<name>``; without a logger ``<default_root_dir>/<name>``,
+    unless that is the package's own source (a run started in the repository
+    root, ``name == "slimfit"``): then ``<default_root_dir>/slimfit_output/<name>``.
+    Every rank must call it (``trainer.log_dir`` is a collective under DDP)."""
+    if chosen is not None:
+        return pathlib.Path(chosen)
+    log_dir = trainer.log_dir if trainer.loggers else None
+    out = pathlib.Path(log_dir or trainer.default_root_dir) / name
+    if _inside_package(out):
+        safe = pathlib.Path(trainer.default_root_dir) / "slimfit_output" / name
+        rank_zero_info(f"SlimFit: {out} is the slimfit package's source; writing {name} files "
+                       f"to {safe} instead (attach a logger or pass output_dir= to choose).")
+        out = safe
+    return out

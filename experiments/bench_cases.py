@@ -19,13 +19,13 @@ import time
 import torch
 from torch import nn
 
-from slimfit.compress import CompressionConfig
-from slimfit.config import SlimFitConfig
+from slimfit import CompressionConfig
+from slimfit import SlimFitConfig
 from slimfit.experiments.methods import Method, build_optimizer, checkpointed_blocks, set_checkpointing
-from slimfit.report import MemoryReport, format_bytes
-from slimfit.session import SessionConfig, SlimFitSession
-from slimfit.stream import StreamConfig
-from slimfit.tracker import SavedTensorTracker
+from slimfit import MemoryReport, format_bytes
+from slimfit import SessionConfig, SlimFitSession
+from slimfit import StreamConfig
+from slimfit.memory.tracker import SavedTensorTracker
 
 CASES = ("bert-base", "bert-base-squad", "vit-b16", "timm-vit-b16", "minilm")
 PRECISIONS = ("fp32", "bf16")

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import argparse
 
-from slimfit.compress import ActivationCompressor, CompressionConfig, Treatment
+from slimfit import ActivationCompressor, CompressionConfig, Treatment
 from slimfit.experiments.bench_cases import (ARMS, arm_config, build_case, extrapolation_table,
                                              measure_method, memory_table)
 from slimfit.experiments.methods import Method

@@ -18,7 +18,7 @@ import dataclasses
 
 from slimfit.experiments.bench_cases import (CASES, arm_config, build_case, make_optimizer,
                                              start_session, timed_steps)
-from slimfit.report import format_bytes
+from slimfit import format_bytes
 
 
 def main(argv=None) -> None:

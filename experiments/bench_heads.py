@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 
-from slimfit.compress import CompressionConfig
-from slimfit.config import SlimFitConfig
+from slimfit import CompressionConfig
+from slimfit import SlimFitConfig
 from slimfit.experiments.bench_cases import build_case, make_optimizer, start_session
-from slimfit.report import format_bytes
-from slimfit.session import SessionConfig
+from slimfit import format_bytes
+from slimfit import SessionConfig
 
 
 def measure(name: str, batch: int, heads: bool, steps: int) -> tuple[int, int, int]:

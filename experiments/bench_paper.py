@@ -41,8 +41,8 @@ import torch
 from slimfit.experiments.bench_cases import (arm_config, build_case, case_batch,
                                              extrapolation_table, measure_method)
 from slimfit.experiments.methods import METHODS, Method
-from slimfit.planner import BudgetError, parse_budget, plan_for_budget
-from slimfit.report import format_bytes
+from slimfit import BudgetError, parse_budget, plan_for_budget
+from slimfit import format_bytes
 
 
 @dataclasses.dataclass(frozen=True)

@@ -42,7 +42,7 @@ def main(steps: int = 10):
                          enable_checkpointing=False, default_root_dir="runs/example",
                          callbacks=[slimfit, MemoryMonitor(every_n_steps=5, depth=4)])
     trainer.fit(Classifier(), torch.utils.data.DataLoader(data, batch_size=16, shuffle=True))
-    print(slimfit.summary(top=10))
+    print(slimfit.freezer.summary(top=10))
 
 
 if __name__ == "__main__":

@@ -52,9 +52,10 @@ import torch
 
 from slimfit.experiments.bench_cases import arm_config, build_case, make_optimizer
 from slimfit.experiments.methods import METHODS, Method
-from slimfit.report import format_bytes
-from slimfit.planner import BudgetError, optimizer_like, plan_for_budget
-from slimfit.session import SessionConfig, SlimFitSession
+from slimfit import format_bytes
+from slimfit import BudgetError, plan_for_budget
+from slimfit.planning.planner import optimizer_like
+from slimfit import SessionConfig, SlimFitSession
 
 #: this check's arms -> the method they run (``planner``: the plan's config;
 #: ``full-eager``: full fine-tuning with eager attention, the secondary row)

@@ -6,7 +6,7 @@ Examples:
     python experiments/memory_report.py --model bert-base --batch-size 32 --device cuda
 
 One real training step per model (after ``--warmup`` steps, so Adam state
-exists and the CUDA allocator is warm), counted by ``slimfit.ledger``. With
+exists and the CUDA allocator is warm), counted by ``slimfit.memory.ledger``. With
 ``--crosscheck`` the saved activations are also counted independently with a
 bare ``saved_tensors_hooks`` pass, and with CUDA the allocator's peak is
 printed beside the ledger total.
@@ -20,8 +20,8 @@ import time
 import torch
 
 from slimfit.experiments.bench_cases import CASES, build_case, make_optimizer
-from slimfit.ledger import measure_step
-from slimfit.report import format_bytes
+from slimfit import measure_step
+from slimfit import format_bytes
 
 
 def independent_saved_bytes(case) -> int:

@@ -10,7 +10,7 @@ three orthogonal choices:
   ``use_reentrant=False``, timm ``set_grad_checkpointing()``), then PEFT LoRA
   (:class:`LoraSpec`: r=8, alpha=16, dropout 0.1 on every ``nn.Linear`` inside
   the transformer blocks, i.e. Q/K/V, attention output, FFN up and down; the
-  new classification head, found by :func:`slimfit.heads.detect_new_heads`,
+  new classification head, found by :func:`slimfit.freezing.heads.detect_new_heads`,
   trained in full through PEFT's ``modules_to_save``);
 * an **optimizer**: torch AdamW or bitsandbytes AdamW8bit;
 * a **SlimFit session** (:class:`slimfit.session.SessionConfig`: freezing,
@@ -46,13 +46,13 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from slimfit.compress import CompressionConfig
-from slimfit.config import SlimFitConfig
-from slimfit.errors import SlimFitError
-from slimfit.heads import detect_new_heads
+from slimfit import CompressionConfig
+from slimfit import SlimFitConfig
+from slimfit import SlimFitError
+from slimfit.freezing.heads import detect_new_heads
 from slimfit.selection import Pattern, iter_modules, select_modules, validate_pattern
-from slimfit.session import SessionConfig
-from slimfit.stream_config import default_stream_units
+from slimfit import SessionConfig
+from slimfit.offload.stream_config import default_stream_units
 
 __all__ = ["METHODS", "OPTIMIZERS", "LoraSpec", "Method", "MethodError", "build_optimizer",
            "checkpointed_blocks", "get_method", "head_modules", "lora_targets", "run_label",
@@ -176,7 +176,7 @@ class LoraSpec:
         heads = head_modules(model) if self.train_head else []
         if self.train_head and not heads:
             raise MethodError(f"{type(model).__name__}: no new head found to train "
-                              "(slimfit.heads.detect_new_heads); set LoraSpec.train_head=False.")
+                              "(slimfit.freezing.heads.detect_new_heads); set LoraSpec.train_head=False.")
         cfg = LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
                          target_modules=targets, modules_to_save=heads or None, bias="none")
         return get_peft_model(model, cfg)

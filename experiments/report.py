@@ -23,7 +23,7 @@ import pathlib
 import statistics
 from typing import Any
 
-from slimfit.report import CATEGORIES
+from slimfit.memory.report import CATEGORIES
 
 
 def load_runs(root: str | pathlib.Path) -> list[dict[str, Any]]:

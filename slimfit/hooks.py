@@ -16,9 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from slimfit.storage import is_parameter_or_view  # re-exported: it used to live here
-
-__all__ = ["ScopedHooks", "is_parameter_or_view", "top_saved_tensors_hooks"]
+__all__ = ["ScopedHooks", "top_saved_tensors_hooks"]
 
 
 def top_saved_tensors_hooks() -> tuple[Callable, Callable] | None:

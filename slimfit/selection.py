@@ -27,7 +27,7 @@ from torch import nn
 from slimfit.errors import SelectionError, SlimFitError
 
 __all__ = ["Pattern", "Unit", "Selection", "iter_modules", "iter_parameters", "matches",
-           "is_default_candidate", "select_modules", "select_units", "preview", "validate_pattern",
+           "is_default_candidate", "select_modules", "select_units", "validate_pattern",
            "compiled_modules", "is_compiled", "refuse_compiled"]
 
 #: A regex (full match) or a list of exact / dotted-suffix names.
@@ -298,15 +298,12 @@ def select_units(model: nn.Module, *, include: Pattern | None = None,
         always_trained=tuple(always), excluded=tuple(excluded), user_frozen=tuple(user_frozen))
 
 
-def preview(model: nn.Module, **kwargs) -> dict[str, list[str]]:
-    """What :func:`select_units` would do, as ``{"matched": [...], "unmatched": [...]}``.
+def preview(model: nn.Module, **options) -> dict[str, list[str]]:
+    """Deprecated alias (until slimfit 0.3) of :func:`slimfit.preview`, which
+    lists the units the freezer rotates and the new heads it trains apart."""
+    import warnings
 
-    ``matched`` lists freezable parameter names; ``unmatched`` every other
-    parameter (always trained, excluded, or frozen by the user).
-    """
-    sel = select_units(model, **kwargs)
-    matched = [n for u in sel.units for n in u.param_names]
-    taken = set(matched)
-    return {"matched": matched,
-            "unmatched": [n for n, _, _ in iter_parameters(model) if n not in taken],
-            "units": sel.candidate_names}
+    from slimfit.freezing.freezer import preview as _preview  # freezing builds on selection
+    warnings.warn("slimfit.selection.preview moved to slimfit.preview; the alias goes in "
+                  "slimfit 0.3.", DeprecationWarning, stacklevel=2)
+    return _preview(model, **options)

@@ -1,30 +1,31 @@
-"""``SlimFitSession``: one model + optimizer trained the SlimFit way, the step
-protocol written once.
+"""``SlimFitSession``: one model + optimizer trained the SlimFit way; the step
+written once, over parts that all speak one protocol (:mod:`slimfit.parts`).
 
-Why one object: a SlimFit step touches up to five parts (the freezer, the
-activation compressor, the optimizer-state offloader, the activation offloader
-and the weight streamer) in an order that matters: the frozen set is decided
-and applied before the forward; the optimizer state of frozen units leaves the
-device and streamed weights frozen from now on are trimmed right after; saved
-activations go to the host only between the first forward and the optimizer
-step; the score snapshot is taken after backward and read after the step.
-The Lightning callback, the budget planner's calibration, the benchmarks, the
-GPU check and the tests all drive this object, so none of them can get the
-order wrong or drop an option on the way.
+Why one object: a SlimFit step touches up to six parts (the freezer, the
+activation compressor, frozen convolutions, the optimizer-state offloader, the
+weight streamer and the activation offloader) in an order that matters. The
+session builds the parts its :class:`SessionConfig` turns on (:data:`PARTS`,
+in step order) and calls each at each moment of the step without knowing its
+type; the Lightning callback, the Hugging Face Trainer callback, the budget
+planner's calibration, the benchmarks, the GPU check and the tests all drive
+this object, so none of them can get the order wrong or drop an option.
 
 One optimizer step::
 
     session = SlimFitSession(model, SessionConfig(freezing=SlimFitConfig(freeze_rate=0.9)))
-    session.start(optimizer)               # install hooks, offloaders, streaming
+    session.start(optimizer)               # every part attaches (hooks, buffers)
     session.begin_step()                   # decide + apply the frozen set (or begin_step(frozen))
     loss = compute_loss(); session.record_loss(loss); loss.backward()
-    session.before_optimizer_step()        # close activation offload, snapshot trained units
+    session.before_optimizer_step()        # parts close their step (reverse order)
     optimizer.step(); optimizer.zero_grad(set_to_none=True)
     stats = session.end_step()             # scores of the trained units, statistics
     ...
     session.stop()                         # every weight trainable and resident again
 
 or ``session.step(loss_fn)`` for all of it (``measure=True``: under the ledger).
+The freezer is the one part the session asks for something: the frozen set of
+the coming step (:meth:`SlimFitSession.decide`); every other part reads it
+from the :class:`slimfit.parts.Step` it is handed.
 """
 
 from __future__ import annotations
@@ -32,22 +33,36 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import warnings
+import weakref
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
-from slimfit.accuracy_price import short_budget_note
-from slimfit.compress import ActivationCompressor, CompressionConfig
-from slimfit.config import SlimFitConfig
+from slimfit.compression.compressor import ActivationCompressor
+from slimfit.compression.config import CompressionConfig
+from slimfit.compression.frozen_conv import FrozenConvRouter
+from slimfit.distributed import agree
 from slimfit.errors import CheckpointMismatchError, OptionTypeError, SlimFitError
-from slimfit.freezer import LayerFreezer
-from slimfit.frozen_conv import FrozenConvRouter
-from slimfit.offload import ActivationOffloader, OptimizerStateOffloader
-from slimfit.selection import is_compiled
-from slimfit.stream import StreamConfig, WeightStreamer
+from slimfit.freezing.config import SlimFitConfig
+from slimfit.freezing.freezer import LayerFreezer
+from slimfit.offload.activations import ActivationOffloader
+from slimfit.offload.optimizer_state import OptimizerStateOffloader
+from slimfit.offload.stream_config import StreamConfig
+from slimfit.offload.streaming import WeightStreamer
+from slimfit.parts import Context, MemoryAdjustment, Part, Step
 
-__all__ = ["SessionConfig", "SlimFitSession"]
+__all__ = ["PARTS", "SessionConfig", "SlimFitSession"]
+
+#: The parts a session may run, in step order (opening moments in this order,
+#: closing moments in reverse: ``slimfit.parts``). Each builds itself from a
+#: :class:`SessionConfig` (``Part.from_config``) or stays off. A new part is a
+#: new module with a ``Part`` subclass and one entry here.
+PARTS: tuple[type[Part], ...] = (LayerFreezer, ActivationCompressor, FrozenConvRouter,
+                                 OptimizerStateOffloader, WeightStreamer, ActivationOffloader)
+
+#: checkpoint format of :meth:`SlimFitSession.state_dict` (1: the freezer's state alone)
+STATE_VERSION = 2
 
 
 def _option(name: str, value: Any, cls: type) -> Any:
@@ -72,12 +87,9 @@ class SessionConfig:
         offload_optimizer_state: optimizer state of frozen units in host
             memory (needs ``freezing``).
         offload_activations: saved activations in host memory between the
-            forward and the optimizer step (CUDA; a no-op on the CPU unless
-            ``force_host_copies``).
+            forward and the optimizer step (CUDA; nothing to move on a CPU).
         stream: stream the weights of frozen tensors (``None``: off; needs
             ``freezing`` to have frozen tensors to stream, one process).
-        force_host_copies: do the host copies of activation offload on a
-            machine without CUDA (tests: same bookkeeping, nothing saved).
     """
 
     freezing: SlimFitConfig | None = None
@@ -85,7 +97,6 @@ class SessionConfig:
     offload_optimizer_state: bool = False
     offload_activations: bool = False
     stream: StreamConfig | None = None
-    force_host_copies: bool = False
 
     def __post_init__(self):
         for name, cls in (("freezing", SlimFitConfig), ("compression", CompressionConfig),
@@ -93,11 +104,11 @@ class SessionConfig:
             v = getattr(self, name)
             if v is not None and not isinstance(v, cls):
                 raise OptionTypeError(f"SessionConfig.{name} must be a {cls.__name__} or None, "
-                                   f"got {v!r}.")
-        for name in ("offload_optimizer_state", "offload_activations", "force_host_copies"):
+                                      f"got {v!r}.")
+        for name in ("offload_optimizer_state", "offload_activations"):
             if not isinstance(getattr(self, name), bool):
                 raise OptionTypeError(f"SessionConfig.{name} must be a bool, got "
-                                   f"{getattr(self, name)!r}.")
+                                      f"{getattr(self, name)!r}.")
         if self.offload_optimizer_state and self.freezing is None:
             raise SlimFitError("offload_optimizer_state=True moves the optimizer state of frozen "
                                "units: it needs freezing (a SlimFitConfig); without freezing no "
@@ -140,15 +151,20 @@ class SessionConfig:
         return out
 
     def label(self) -> str:
-        """Short human-readable name, e.g. ``SlimFit r=0.9 + compression``."""
+        """The one name of a configuration, e.g. ``SlimFit r=0.9 + compression``
+        (benchmarks, studies and the planner all print it)."""
         f = self.freezing
         parts = ["full fine-tuning" if f is None or f.freeze_rate == 0
-                 else f"SlimFit r={f.freeze_rate:g}"]
+                 else f"SlimFit r={f.freeze_rate:.3g}"]
         parts += [n for n, on in (("optimizer-state offload", self.offload_optimizer_state),
                                   ("compression", self.compression is not None),
                                   ("weight streaming", self.stream is not None),
                                   ("activation offload", self.offload_activations)) if on]
         return " + ".join(parts)
+
+
+#: model -> the session started on it (SlimFitSession.of)
+_RUNNING: "weakref.WeakKeyDictionary[nn.Module, SlimFitSession]" = weakref.WeakKeyDictionary()
 
 
 class SlimFitSession:
@@ -158,6 +174,9 @@ class SlimFitSession:
         model: the module being trained (its trainable parameters now define
             the freezing candidates).
         config: a :class:`SessionConfig`.
+
+    Attributes:
+        parts: the parts this config turns on, in step order.
 
     Raises:
         SlimFitError: bad options, a pattern that matches nothing, a model with
@@ -169,21 +188,35 @@ class SlimFitSession:
         self.config = config if config is not None else SessionConfig()
         if not isinstance(self.config, SessionConfig):
             raise SlimFitError(f"config must be a SessionConfig, got {self.config!r}.")
-        c = self.config
-        # built now so that selection errors surface before any training
-        self.freezer = LayerFreezer(model, c.freezing) if c.freezing is not None else None
-        self.compressor = ActivationCompressor(model, c.compression) \
-            if c.compression is not None else None
+        # built now, so that selection errors surface before any training
+        self.parts: list[Part] = [p for cls in PARTS
+                                  if (p := cls.from_config(model, self.config)) is not None]
         self.optimizer: torch.optim.Optimizer | None = None
-        self.offloader: OptimizerStateOffloader | None = None
-        self.streamer: WeightStreamer | None = None
-        # frozen convolutions save no input (exact); not under torch.compile, whose
-        # graphs would break at the hooks' function mode
-        self.conv_router = FrozenConvRouter(model) \
-            if self.freezer is not None and not is_compiled(model) else None
-        self._act: ActivationOffloader | None = None  # built once: one side stream
-        self._act_open = False
-        self._finite: torch.Tensor | None = None  # all losses of the step finite (no sync)
+        self.steps = 0  # optimizer steps begun since the session was built
+        self._step: Step | None = None
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "SlimFitSession | None":
+        """The session started on ``model`` (None if there is none): the handle
+        other tools (the memory monitor, loggers) reach a running session by."""
+        return _RUNNING.get(model)
+
+    def part(self, cls: type[Part]) -> Part | None:
+        """The running part of type ``cls`` (None if the config leaves it off)."""
+        return next((p for p in self.parts if isinstance(p, cls)), None)
+
+    @property
+    def freezer(self) -> LayerFreezer | None:
+        """The freezing part, which decides each step's frozen set."""
+        return self.part(LayerFreezer)
+
+    @property
+    def compressor(self) -> ActivationCompressor | None:
+        return self.part(ActivationCompressor)
+
+    @property
+    def streamer(self) -> WeightStreamer | None:
+        return self.part(WeightStreamer)
 
     # -- life cycle ------------------------------------------------------------------
     @property
@@ -196,109 +229,87 @@ class SlimFitSession:
         return self.freezer.units if self.freezer is not None else ()
 
     def start(self, optimizer: torch.optim.Optimizer) -> "SlimFitSession":
-        """Install compression, the offloaders and weight streaming for ``optimizer``
-        (call once the model is on its training device). Idempotent."""
+        """Attach every part for ``optimizer`` (call once the model is on its
+        training device). Idempotent."""
         if self.started:
             return self
         opt = getattr(optimizer, "optimizer", optimizer)  # Lightning's LightningOptimizer
         if not isinstance(opt, torch.optim.Optimizer):
             raise SlimFitError(f"start() needs a torch.optim.Optimizer, got {optimizer!r}.")
         self.optimizer = opt
-        c = self.config
-        if self.compressor is not None:
-            self.compressor.install()
-        if self.conv_router is not None:
-            self.conv_router.install()
-        if c.offload_optimizer_state:
-            self.offloader = OptimizerStateOffloader(opt, [u.params for u in self.units])
-        if c.stream is not None:
-            self.streamer = WeightStreamer(self.model, c.stream).install()
-        if c.offload_activations and self._act is None and (torch.cuda.is_available()
-                                                            or c.force_host_copies):
-            # the model's weights are never copied; nothing to move on a CPU-only machine
-            self._act = ActivationOffloader(self.model, force_host_copy=c.force_host_copies,
-                                            min_bytes=0 if c.force_host_copies else 1 << 16)
+        ctx = Context(self.model, opt, tuple(self.units))
+        for p in self.parts:
+            p.attach(ctx)
+        _RUNNING[self.model] = self
         return self
 
     def stop(self) -> None:
         """Undo :meth:`start`: every weight resident and trainable, every hook
         removed, offloaded optimizer state back on the device. Idempotent."""
-        self._close_activation_offload()
-        if self.streamer is not None:
-            self.streamer.remove()
-            self.streamer = None
-        if self.offloader is not None:  # kept: its counters stay readable
-            self.offloader.restore_all()
-        if self.freezer is not None:
-            self.freezer.restore()
-        if self.compressor is not None:
-            self.compressor.remove()
-        if self.conv_router is not None:
-            self.conv_router.remove()
-        self._finite = None
+        if not self.started:
+            return
+        for p in reversed(self.parts):
+            p.detach()
+        if _RUNNING.get(self.model) is self:
+            del _RUNNING[self.model]
+        self._step = None
         self.optimizer = None
 
     # -- one optimizer step --------------------------------------------------------------
     def decide(self) -> list[int]:
-        """The frozen unit indices for the coming step (broadcast them under DDP)."""
-        return self.freezer.decide() if self.freezer is not None else []
+        """The frozen unit indices for the coming step: the freezer's choice on
+        rank 0, the same on every rank of a multi-process run
+        (:func:`slimfit.distributed.agree`)."""
+        return agree(self.freezer.decide() if self.freezer is not None else [])
 
     def begin_step(self, frozen: Sequence[int] | None = None) -> list[int]:
-        """Apply ``frozen`` (default: :meth:`decide`), move optimizer state and
-        streamed weights accordingly, and open activation offload."""
+        """Open a step: ``frozen`` (default: :meth:`decide`) goes to every part
+        (the freezer applies it, the offloaders follow it)."""
         if not self.started:
             raise SlimFitError("begin_step() before start(optimizer): the session is not running.")
-        frozen = self.decide() if frozen is None else list(frozen)
-        if self.freezer is not None:
-            self.freezer.apply(frozen)
-        if self.offloader is not None:
-            self.offloader.sync(frozen)  # state of frozen units to host, trained ones back
-        if self.streamer is not None:
-            self.streamer.sync()  # weights frozen from this step on may leave the device
-        if self._act is not None and not self._act_open:
-            self._act.__enter__()
-            self._act_open = True
-        self._finite = None
+        frozen = self.decide() if frozen is None else [int(i) for i in frozen]
+        self._step = Step(index=self.steps, frozen=tuple(frozen))
+        self.steps += 1
+        for p in self.parts:
+            p.on_step_start(self._step)
         return frozen
 
     def record_loss(self, loss: torch.Tensor) -> None:
         """Note a micro-batch loss; a non-finite one makes the step's scores unrecorded
         (``SlimFitConfig.on_nonfinite``). No device->host sync here."""
-        if torch.is_tensor(loss):
+        if torch.is_tensor(loss) and self._step is not None:
             ok = torch.isfinite(loss.detach()).all()
-            self._finite = ok if self._finite is None else self._finite & ok
+            prev = self._step.loss_finite
+            self._step.loss_finite = ok if prev is None else prev & ok
 
     def before_optimizer_step(self) -> None:
-        """After backward, before ``optimizer.step()``."""
-        self._close_activation_offload()
-        if self.offloader is not None:
-            self.offloader.before_optimizer_step()
-        if self.freezer is not None:
-            self.freezer.before_optimizer_step(self.optimizer)
+        """After backward, before ``optimizer.step()``: every part closes its step."""
+        step = self._open()
+        for p in reversed(self.parts):
+            p.before_optimizer_step(step)
 
     def end_step(self, skipped: bool = False) -> dict[str, float]:
         """After ``optimizer.step()``: score the trained units; returns statistics
         to log (``skipped``: the grad scaler skipped the step)."""
+        step = self._open()
+        step.skipped = bool(skipped)
         stats: dict[str, float] = {}
-        if self.freezer is not None:
-            stats = dict(self.freezer.after_optimizer_step(skipped=skipped, loss=self._finite))
-        if self.streamer is not None:  # overlap achieved, traffic so far
-            stats |= {f"stream_{k}": float(v) for k, v in self.streamer.stats.items()}
-            stats["stream_prefetch_hit_rate"] = self.streamer.overlap()
-        self._finite = None
+        for p in self.parts:
+            stats.update(p.after_optimizer_step(step))
+        self._step = None
         return stats
 
-    def _close_activation_offload(self) -> None:
-        if self._act_open:
-            self._act.__exit__(None, None, None)
-            self._act_open = False
+    def _open(self) -> Step:
+        if self._step is None:
+            raise SlimFitError("no step is open: call begin_step() first.")
+        return self._step
 
     def step(self, loss_fn: Callable[[], torch.Tensor], measure: bool = False,
              frozen: Sequence[int] | None = None):
         """One whole optimizer step: ``loss_fn()`` does the forward and returns
         the loss. With ``measure``, the step runs under the memory ledger and its
-        :class:`slimfit.ledger.MemoryReport` is returned (else ``None``)."""
-        from slimfit.ledger import measure_step  # the ledger imports features, not vice versa
+        :class:`slimfit.memory.report.MemoryReport` is returned (else ``None``)."""
+        from slimfit.memory.ledger import measure_step  # the ledger imports parts, not vice versa
 
         self.begin_step(frozen)
 
@@ -310,8 +321,7 @@ class SlimFitSession:
 
         report = None
         if measure:
-            report = measure_step(self.model, self.optimizer, forward_backward,
-                                  self.host_storage_keys(), streamer=self.streamer)
+            report = measure_step(self.model, self.optimizer, forward_backward, parts=self.parts)
         else:
             self.optimizer.zero_grad(set_to_none=True)
             forward_backward()
@@ -330,59 +340,65 @@ class SlimFitSession:
         return n
 
     # -- reporting and checkpoints ---------------------------------------------------------
-    def short_budget_note(self, total_steps: float) -> str | None:
-        """A warning if ``total_steps`` optimizer steps train each candidate unit
-        fewer times than the fidelity study needed to keep accuracy
-        (:func:`slimfit.accuracy_price.short_budget_note`); None otherwise."""
-        if self.freezer is None:
-            return None
-        return short_budget_note(total_steps, self.freezer.scheduler.num_trained,
-                                 len(self.freezer.units))
+    def run_notes(self, total_steps: float) -> list[str]:
+        """Every part's warnings about a run of ``total_steps`` optimizer steps
+        (the freezer's: too few updates per unit for the accuracy the fidelity
+        study measured; :func:`slimfit.evidence.short_budget_note`)."""
+        return [n for p in self.parts for n in p.run_notes(total_steps)]
 
-    def host_storage_keys(self) -> set:
-        """Optimizer state held in host memory, for the memory ledger."""
-        return self.offloader.host_storage_keys() if self.started and self.offloader else set()
+    def memory_adjustments(self) -> list[MemoryAdjustment]:
+        """What the parts keep in host memory, for the ledger."""
+        return [a for p in self.parts if (a := p.memory_adjustment()) is not None]
 
     def describe(self) -> str:
         lines = [f"SlimFit session: {self.config.label()}"]
-        if self.freezer is not None:
-            lines.append(f"  freezing: {self.freezer.selection}; {self.freezer.num_frozen} of "
-                         f"{len(self.freezer.units)} units frozen per step")
-        if self.compressor is not None:
-            lines.append("  activation compression:\n" + self.compressor.describe())
-        if self.streamer is not None:
-            lines.append("  " + self.streamer.describe())
+        lines += ["  " + d.replace("\n", "\n  ") for p in self.parts if (d := p.describe())]
         return "\n".join(lines)
 
     def write_files(self, out: str | pathlib.Path) -> dict[str, pathlib.Path]:
-        """The freezing heatmap (unit x step) and the summary table under ``out``
-        (nothing without freezing or before the first step)."""
-        if self.freezer is None or not len(self.freezer.history):
-            return {}
-        out = pathlib.Path(out)
-        files = {"heatmap": self.freezer.history.plot_heatmap(out / "freeze_heatmap.png"),
-                 "summary": out / "freeze_summary.md"}
-        files["summary"].write_text(self.freezer.summary() + "\n")
+        """Every part's end-of-run files (the freezing heatmap and summary) under ``out``."""
+        files: dict[str, pathlib.Path] = {}
+        for p in self.parts:
+            files.update(p.write_files(pathlib.Path(out)))
         return files
 
     def synchronize(self) -> None:
         """Wait for host copies in flight (before a checkpoint reads optimizer state)."""
-        if self.offloader is not None:
-            self.offloader.synchronize()
+        for p in self.parts:
+            p.synchronize()
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain-Python freezing state (empty without freezing)."""
-        return self.freezer.state_dict() if self.freezer is not None else {}
+        """Plain-Python state of the parts that keep any (the freezer's scores,
+        ages, RNG and history), keyed by part name."""
+        states = {p.name: s for p in self.parts if (s := p.state_dict())}
+        return {"version": STATE_VERSION, "parts": states} if states else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output.
+        """Restore :meth:`state_dict` output (or a version-1 checkpoint: the
+        freezer's state alone).
 
         Raises:
-            CheckpointMismatchError: corrupt state, or a state for another model.
+            CheckpointMismatchError: corrupt state, or a state for another
+                model or other options.
         """
-        if self.freezer is not None:
-            self.freezer.load_state_dict(state)
-        elif state:
+        if not state:
+            return
+        if not isinstance(state, dict):
+            raise CheckpointMismatchError(f"not a SlimFit state: a {type(state).__name__}, not a "
+                                          "dict; the checkpoint is corrupt or from another tool.")
+        if "version" not in state and "scheduler" in state:  # version 1 (before slimfit.parts)
+            state = {"version": STATE_VERSION, "parts": {LayerFreezer.name: state}}
+        if state.get("version") != STATE_VERSION or not isinstance(state.get("parts"), dict):
             raise CheckpointMismatchError(
-                "the checkpoint holds SlimFit freezing state but this session does not freeze "
-                "(SessionConfig.freezing is None); resume with the same SlimFit options.")
+                f"not a SlimFit session state (keys {sorted(state)[:6]}, version "
+                f"{state.get('version')!r}; expected version {STATE_VERSION} with 'parts'); the "
+                "checkpoint is corrupt or was written by another callback.")
+        by_name = {p.name: p for p in self.parts}
+        unknown = sorted(set(state["parts"]) - set(by_name))
+        if unknown:
+            raise CheckpointMismatchError(
+                f"the checkpoint holds SlimFit state of {unknown} but this session runs "
+                f"{sorted(by_name)} ({self.config.label()}); resume with the same SlimFit "
+                "options (freezing on), or start without the checkpoint's callback state.")
+        for name, s in state["parts"].items():
+            by_name[name].load_state_dict(s)

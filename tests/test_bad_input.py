@@ -22,17 +22,16 @@ from torch import nn
 from models import PlainNet, hf_bert
 from slimfit.callbacks import MemoryMonitor, SlimFit
 from slimfit.callbacks.checks import check_strategy
-from slimfit.compress import ActivationCompressor, CompressionConfig, Treatment
-from slimfit.config import SlimFitConfig
-from slimfit.errors import (CheckpointMismatchError, SelectionError, SlimFitError,
-                            UnsupportedSetupError)
+from slimfit import ActivationCompressor, CompressionConfig, Treatment
+from slimfit import SlimFitConfig
+from slimfit import CheckpointMismatchError, SelectionError, SlimFitError, UnsupportedSetupError
 from slimfit.experiments.tasks import ClassificationData, ClassificationTask, hf_from_config
 from slimfit.experiments.train import CONFIG_DIR, build
-from slimfit.freezer import LayerFreezer
-from slimfit.ledger import measure_step
-from slimfit.planner import BudgetError, parse_budget
-from slimfit.scheduler import InterLayerScheduler
-from slimfit.stream import StreamConfig, WeightStreamer
+from slimfit import LayerFreezer
+from slimfit import measure_step
+from slimfit import BudgetError, parse_budget
+from slimfit.freezing.scheduler import InterLayerScheduler
+from slimfit import StreamConfig, WeightStreamer
 
 
 # -- small builders (called inside each row, so a row builds only what it needs) ---------------

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch.nn.functional import cosine_similarity
 
-from slimfit.compress import ActivationCompressor, CompressionConfig, Treatment
-from slimfit.errors import SelectionError, SlimFitError
-from slimfit.ledger import SavedTensorTracker
+from slimfit import ActivationCompressor, CompressionConfig, Treatment
+from slimfit import SelectionError, SlimFitError
+from slimfit.memory import SavedTensorTracker
 
 from models import BERT, PlainNet, each_case, hf_bert
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from slimfit.callbacks import SlimFit
-from slimfit.errors import UnsupportedSetupError
+from slimfit import UnsupportedSetupError
 
 from conftest import lit_module, token_loader, trainer
 
@@ -53,7 +53,7 @@ def test_ddp_without_find_unused_parameters_is_refused(tmp_path):
 
 def _stream_under_ddp(rank, out_dir, port):
     import torch.distributed as dist
-    from slimfit.stream import WeightStreamer
+    from slimfit import WeightStreamer
     from models import hf_bert
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:

@@ -1,41 +1,40 @@
-"""LayerFreezer in a plain PyTorch loop (no Lightning)."""
+"""LayerFreezer: in a session (plain PyTorch, no Lightning), and its own
+moments (decide, apply, snapshot, record) as unit tests."""
 
 import math
 
 import pytest
 import torch
 
-from slimfit.config import SlimFitConfig
-from slimfit.errors import CheckpointMismatchError, NonFiniteError, SlimFitError
-from slimfit.freezer import LayerFreezer
-from slimfit.scores import SCORES
+from slimfit import SlimFitConfig
+from slimfit import CheckpointMismatchError, NonFiniteError, SlimFitError
+from slimfit import LayerFreezer, SessionConfig, SlimFitSession
+from slimfit.freezing.scores import SCORES
 
 from models import BERT, each_case
 
 
-def train_steps(case, model, freezer, opt, steps):
-    batch = case.batch(model)
+def train_steps(case, model, opt, steps, **freezing):
+    """``steps`` session steps; returns the freezer and, per step, whether every
+    frozen tensor stayed bit-identical."""
+    session = SlimFitSession(model, SessionConfig(freezing=SlimFitConfig(**freezing))).start(opt)
+    freezer, batch = session.freezer, case.batch(model)
     frozen_ok = []
     for _ in range(steps):
-        frozen = freezer.decide()
-        freezer.apply(frozen)
+        frozen = session.decide()
         before = [p.detach().clone() for i in frozen for p in freezer.units[i].params]
-        opt.zero_grad(set_to_none=True)
-        case.loss(model, batch).backward()
-        freezer.before_optimizer_step()
-        opt.step()
-        freezer.after_optimizer_step()
+        session.step(lambda: case.loss(model, batch), frozen=frozen)
         after = [p for i in frozen for p in freezer.units[i].params]
         frozen_ok.append(all(torch.equal(a, b) for a, b in zip(before, after)))
-    return frozen_ok
+    session.stop()
+    return freezer, frozen_ok
 
 
 @each_case()
 def test_every_family_trains_with_freezing(case):
     model = case.factory()
-    freezer = LayerFreezer(model, freeze_rate=0.8, seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    ok = train_steps(case, model, freezer, opt, 6)
+    freezer, ok = train_steps(case, model, opt, 6, freeze_rate=0.8, seed=0)
     assert all(ok)
     assert all(len(f) == math.floor(0.8 * len(freezer.units)) for f in freezer.history.frozen_sets())
     assert sum(s is not None for s in freezer.scheduler.scores) >= min(
@@ -44,28 +43,36 @@ def test_every_family_trains_with_freezing(case):
 
 def test_zero_lr_step_is_not_a_measurement():
     model = BERT.factory()
-    freezer = LayerFreezer(model, freeze_rate=0.5)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    train_steps(BERT, model, freezer, opt, 1)
+    freezer, _ = train_steps(BERT, model, opt, 1, freeze_rate=0.5)
     assert freezer.last_stats["measured"] == 0.0
     assert freezer.scheduler.scores == [None] * len(freezer.units)
 
 
-def test_skipped_step_flag_is_respected():
+@pytest.mark.parametrize("skipped", [True, False])
+def test_skipped_step_flag_is_respected(skipped):
+    """A real backward and a real step move the trained weights; flagged as
+    skipped (the grad scaler's verdict) the step records no score, unflagged
+    the same step does (so ignoring the flag would be caught)."""
     model = BERT.factory()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
     freezer = LayerFreezer(model, freeze_rate=0.5)
     freezer.apply(freezer.decide())
-    freezer.before_optimizer_step()
-    freezer.after_optimizer_step(skipped=True)
-    assert freezer.scheduler.scores == [None] * len(freezer.units)
+    BERT.loss(model, BERT.batch(model)).backward()
+    freezer.snapshot(opt)
+    opt.step()
+    stats = freezer.record(skipped=skipped)
+    measured = [s is not None for s in freezer.scheduler.scores]
+    assert stats["measured"] == float(not skipped)
+    assert not any(measured) if skipped else sum(measured) == len(freezer.units) - freezer.num_frozen
 
 
 def test_state_round_trip_and_mismatch():
     model = BERT.factory()
     a = LayerFreezer(model, freeze_rate=0.5, seed=1)
     a.apply(a.decide())
-    a.before_optimizer_step()
-    a.after_optimizer_step()
+    a.snapshot()
+    a.record()
     a.restore()  # everything trainable again, as in a fresh process
     b = LayerFreezer(model, freeze_rate=0.5, seed=1)
     b.load_state_dict(a.state_dict())
@@ -81,7 +88,7 @@ def test_misuse_is_reported():
     model = BERT.factory()
     f = LayerFreezer(model, freeze_rate=0.5)
     with pytest.raises(SlimFitError, match="before apply"):
-        f.before_optimizer_step()
+        f.snapshot()
     with pytest.raises(SlimFitError, match="exactly"):
         f.apply([0])
     with pytest.raises(SlimFitError, match="either config"):
@@ -107,14 +114,14 @@ def test_lr_normalized_scores_divide_by_the_step_learning_rate():
         f = LayerFreezer(model, freeze_rate=0.0, lr_normalized=normalized, train_new_heads=False)
         f.apply(f.decide())
         model(torch.randn(3, 4)).sum().backward()
-        f.before_optimizer_step(opt)
+        f.snapshot(opt)
         opt.step()
-        f.after_optimizer_step()
+        f.record()
         scores[normalized] = f.scheduler.scores
     torch.testing.assert_close(scores[True], [scores[False][0] / 0.5, scores[False][1] / 0.1])
-    with pytest.raises(SlimFitError, match="needs before_optimizer_step\\(optimizer\\)"):
+    with pytest.raises(SlimFitError, match="needs snapshot\\(optimizer\\)"):
         f.apply(f.decide())
-        f.before_optimizer_step()
+        f.snapshot()
 
 
 # -- non-finite steps (issue 10) --------------------------------------------------------
@@ -149,9 +156,9 @@ def run_with_nonfinite(freezer, model, opt, steps, nan_loss_at=None):
         if step == nan_loss_at:
             loss = loss * float("nan")
         loss.backward()
-        freezer.before_optimizer_step(opt)
+        freezer.snapshot(opt)
         opt.step()
-        freezer.after_optimizer_step(loss=loss.detach())
+        freezer.record(loss=loss.detach())
         history.append(list(freezer.scheduler.scores))
     return history
 
@@ -186,10 +193,10 @@ def test_nonfinite_loss_flag_alone_is_enough():
         freezer = LayerFreezer(model, freeze_rate=0.5)
         freezer.apply(freezer.decide())
         BERT.loss(model, BERT.batch(model)).backward()
-        freezer.before_optimizer_step()
+        freezer.snapshot()
         torch.optim.SGD(model.parameters(), lr=0.1).step()
         with pytest.warns(UserWarning, match="step 0"):
-            freezer.after_optimizer_step(loss=flag)
+            freezer.record(loss=flag)
         assert freezer.scheduler.scores == [None] * len(freezer.units)
 
 
@@ -210,8 +217,8 @@ def test_skipped_step_is_not_read_and_not_warned(recwarn):
     model = BERT.factory()
     freezer = LayerFreezer(model, freeze_rate=0.5)
     freezer.apply(freezer.decide())
-    freezer.before_optimizer_step()
-    freezer.after_optimizer_step(skipped=True, loss=torch.tensor(float("inf")))  # AMP overflow
+    freezer.snapshot()
+    freezer.record(skipped=True, loss=torch.tensor(float("inf")))  # AMP overflow
     assert not [w for w in recwarn if "non-finite" in str(w.message)]
     assert freezer.nonfinite_steps == []
 
@@ -222,9 +229,9 @@ def test_skipped_step_is_not_read_and_not_warned(recwarn):
     {"selection": "sample", "reserve_fraction": 0.3, "frozen_score_decay": 0.9}])
 def test_every_score_and_policy_trains_with_exact_frozen_counts(kw):
     model = BERT.factory()
-    freezer = LayerFreezer(model, freeze_rate=0.8, seed=0, **kw)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    assert all(train_steps(BERT, model, freezer, opt, 12))
+    freezer, ok = train_steps(BERT, model, opt, 12, freeze_rate=0.8, seed=0, **kw)
+    assert all(ok)
     k = math.floor(0.8 * len(freezer.units))
     assert all(len(f) == k for f in freezer.history.frozen_sets())
     assert freezer.scheduler.initial_pass_done

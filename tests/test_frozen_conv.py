@@ -1,4 +1,4 @@
-"""Frozen-weight convolutions save no input (slimfit.frozen_conv)."""
+"""Frozen-weight convolutions save no input (slimfit.compression.frozen_conv)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from slimfit.config import SlimFitConfig
-from slimfit.frozen_conv import FrozenConvRouter
-from slimfit.ledger import SavedTensorTracker
-from slimfit.session import SessionConfig, SlimFitSession
+from slimfit import SlimFitConfig
+from slimfit.compression.frozen_conv import FrozenConvRouter
+from slimfit.memory import SavedTensorTracker
+from slimfit import SessionConfig, SlimFitSession
 
 from models import hf_vit, image_batch, timm_vit
 

@@ -1,5 +1,5 @@
 """Compression inside fused attention (``F.scaled_dot_product_attention``
-routed through ``slimfit.fused_attention``) and DeBERTa-v2's disentangled
+routed through ``slimfit.compression.fused_attention``) and DeBERTa-v2's disentangled
 attention: gradient fidelity on every family, the same dropout mask as the
 exact run, no T x T tensor saved, fewer saved bytes, clean fallbacks and
 nothing left behind."""
@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.functional import cosine_similarity
 
-from slimfit.compress import ActivationCompressor, CompressionConfig
-from slimfit.detect import attention_kernel, is_attention
-from slimfit.ledger import SavedTensorTracker
+from slimfit import ActivationCompressor, CompressionConfig
+from slimfit.compression.detect import attention_kernel, is_attention
+from slimfit.memory import SavedTensorTracker
 
 from models import PlainNet
 
@@ -381,7 +381,7 @@ def test_composes_with_activation_offload():
     """The compressed q, k, v go to the hooks outside SlimFit's scopes
     (activation offload here): the offloader moves int8 pieces, and the
     gradients are those of compression alone."""
-    from slimfit.offload import ActivationOffloader
+    from slimfit import ActivationOffloader
     torch.manual_seed(0)
     model = hf_bert_sdpa(0.1).train()
     batch = text_batch()

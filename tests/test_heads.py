@@ -1,4 +1,4 @@
-"""New-head detection (slimfit.heads) and the freezer keeping new heads trained."""
+"""New-head detection (slimfit.freezing.heads) and the freezer keeping new heads trained."""
 
 import importlib.resources
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from slimfit.errors import SelectionError
-from slimfit.freezer import LayerFreezer
-from slimfit.heads import detect_new_heads, new_head_parameters
+from slimfit import SelectionError
+from slimfit import LayerFreezer, SessionConfig, SlimFitConfig, SlimFitSession
+from slimfit.freezing.heads import detect_new_heads, new_head_parameters
 
 from models import BERT, each_case, hf_bert
 
@@ -36,15 +36,12 @@ def test_head_of_every_family_is_found_and_always_trained(case):
     head = dict(model.named_parameters())[weight]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     batch = case.batch(model)
+    session = SlimFitSession(model, SessionConfig(freezing=SlimFitConfig(freeze_rate=0.8))).start(opt)
     for _ in range(4):  # trained (and moved) in every step, whatever is frozen
-        freezer.apply(freezer.decide())
         before = head.detach().clone()
-        opt.zero_grad(set_to_none=True)
-        case.loss(model, batch).backward()
-        freezer.before_optimizer_step(opt)
-        opt.step()
-        freezer.after_optimizer_step()
+        session.step(lambda: case.loss(model, batch))
         assert head.requires_grad and not torch.equal(before, head)
+    session.stop()
 
 
 def test_pretrained_minilm_classifier_is_new_and_pooler_is_not():

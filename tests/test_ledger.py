@@ -5,8 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from slimfit.errors import SlimFitError
-from slimfit.ledger import SavedTensorTracker, measure_step
+from slimfit import SlimFitError
+from slimfit import measure_step
+from slimfit.memory import SavedTensorTracker
 
 from models import hf_bert
 

@@ -8,7 +8,7 @@ import pytest
 from lightning.pytorch.loggers import CSVLogger
 
 from slimfit.callbacks import MemoryMonitor
-from slimfit.ledger import measure_step
+from slimfit import measure_step
 
 from conftest import lit_module, token_loader, trainer
 

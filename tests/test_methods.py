@@ -15,15 +15,15 @@ from torch.nn.functional import cosine_similarity
 
 import models
 from models import CASES, loss_fn
-from slimfit.compress import ActivationCompressor, CompressionConfig
-from slimfit.config import SlimFitConfig
-from slimfit.errors import SelectionError
+from slimfit import ActivationCompressor, CompressionConfig
+from slimfit import SlimFitConfig
+from slimfit import SelectionError
 from slimfit.experiments import report
 from slimfit.experiments.methods import (METHODS, LoraSpec, Method, MethodError, get_method,
                                          head_modules, lora_targets, set_checkpointing)
 from slimfit.experiments.train import CONFIG_DIR, build, run
-from slimfit.session import SessionConfig, SlimFitSession
-from slimfit.stream import StreamConfig
+from slimfit import SessionConfig, SlimFitSession
+from slimfit import StreamConfig
 
 TRANSFORMER_CASES = [c for c in CASES if c[0] != "plain"]
 METHOD_NAMES = sorted(METHODS)

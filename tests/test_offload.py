@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from slimfit.callbacks import MemoryMonitor, SlimFit
-from slimfit.config import SlimFitConfig
-from slimfit.ledger import measure_step
-from slimfit.offload import ActivationOffloader
-from slimfit.session import SessionConfig, SlimFitSession
+from slimfit import SlimFitConfig
+from slimfit import measure_step
+from slimfit import ActivationOffloader, OptimizerStateOffloader
+from slimfit import SessionConfig, SlimFitSession
 
 from conftest import lit_module, make_optimizer, token_loader, trainer
 from models import hf_bert, text_batch
@@ -27,7 +27,7 @@ def train(optimizer_name, offload, steps=8):
     for _ in range(steps):
         batch = text_batch(model, generator=g)
         reports.append(session.step(lambda: model(**batch).loss, measure=True))
-    off = session.offloader
+    off = session.part(OptimizerStateOffloader)
     session.stop()  # every offloaded state back with its parameter
     return model, opt, reports, off
 
@@ -69,7 +69,7 @@ def test_callback_offload_warns_without_cuda_trains_and_checkpoints(tmp_path):
     # after training every state is back with its parameter, none lost
     opt = lit.trainer.optimizers[0]
     assert all(len(opt.state[p]) == 3 for p in lit.parameters())
-    assert not sf.session.offloader.offloaded_units
+    assert not sf.session.part(OptimizerStateOffloader).offloaded_units
 
 
 def test_offload_options_are_checked():
@@ -86,7 +86,7 @@ def host_offloader(model):
 
 
 def _grads_with(offloader_factory, compress=False):
-    from slimfit.compress import ActivationCompressor
+    from slimfit import ActivationCompressor
     torch.manual_seed(0)
     model = hf_bert().eval()
     comp = ActivationCompressor(model).install() if compress else None
@@ -101,8 +101,8 @@ def _grads_with(offloader_factory, compress=False):
 
 
 def test_activation_offload_is_exact_and_skips_the_weights():
-    from slimfit.hooks import is_parameter_or_view
-    from slimfit.offload import _Host
+    from slimfit.storage import is_parameter_or_view
+    from slimfit.offload.activations import _Host
 
     class Recording(ActivationOffloader):
         def __init__(self, model):
@@ -151,7 +151,7 @@ def test_activation_offload_moves_compressed_bytes_and_the_ledger_sees_none():
 
 
 def test_ledger_inside_offload_keeps_gradients_exact():
-    from slimfit.ledger import SavedTensorTracker
+    from slimfit.memory import SavedTensorTracker
     ref, _, _ = _grads_with(lambda m: None)
 
     class Both:  # offload entered first, the tracker inside it

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from slimfit.accuracy_price import expected_price
-from slimfit.planner import BudgetError, Candidate, parse_budget, plan_for_budget
-from slimfit.session import SlimFitSession
+from slimfit.evidence import expected_price
+from slimfit import (BudgetError, CompressionConfig, SessionConfig, SlimFitConfig, SlimFitSession,
+                     StreamConfig, parse_budget, plan_for_budget)
 
 import models
 
@@ -29,6 +29,18 @@ def build(name):
     return model, case.batch(model, generator=torch.Generator().manual_seed(0))
 
 
+def cand(rate, compression=False, offload_optimizer_state=False, stream_weights=False):
+    """A configuration the planner may try (``candidates=[...]``)."""
+    return SessionConfig(freezing=SlimFitConfig(freeze_rate=rate),
+                         compression=CompressionConfig() if compression else None,
+                         offload_optimizer_state=offload_optimizer_state,
+                         stream=StreamConfig() if stream_weights else None)
+
+
+def rate(config):
+    return config.freezing.freeze_rate
+
+
 def adamw(params):
     return torch.optim.AdamW(params, lr=1e-3)
 
@@ -49,7 +61,7 @@ def run_plan(model, plan, batch_fn, steps):
 def test_plans_respect_the_budget_on_the_ledger(name):
     model, batch = build(name)
     loss = lambda: model(**batch).loss  # noqa: E731
-    full = plan_for_budget(model, adamw, loss, 10**12, candidates=[Candidate(0.0)])
+    full = plan_for_budget(model, adamw, loss, 10**12, candidates=[cand(0.0)])
     seen = set()
     streamed_k = set()
     for frac in (1.2, 0.75, 0.55, 0.4, 0.35, 0.3, 0.25):
@@ -58,7 +70,7 @@ def test_plans_respect_the_budget_on_the_ledger(name):
             plan = plan_for_budget(model, adamw, loss, budget)
         except BudgetError:
             continue
-        seen.add(plan.candidate)
+        seen.add(plan.label())
         assert plan.expected_total <= budget
         model_copy = build(name)[0]
         model_copy.load_state_dict(model.state_dict())
@@ -113,7 +125,7 @@ def test_slimfit_callback_with_memory_budget(tmp_path):
     budget = int(full.expected_total * 0.5)  # below compression alone: freezing must help
     sf, mon = SlimFit(memory_budget=budget), MemoryMonitor(every_n_steps=1)
     trainer(tmp_path, max_steps=14, callbacks=[sf, mon]).fit(lit, token_loader(n=128, batch_size=8))
-    assert sf.plan is not None and sf.plan.candidate.freeze_rate > 0
+    assert sf.plan is not None and rate(sf.plan.config) > 0
     assert sf.plan.expected_total <= budget
     assert max(r.total for _, r in mon.history) <= budget
 
@@ -127,7 +139,7 @@ def test_plans_respect_the_budget_for_full_size_configs(name):
     from slimfit.experiments.bench_cases import build_case
     case = build_case(name, 2, seq_len=32, image_size=64)
     model, batch, loss = case.model, case.batch, case.loss
-    full = plan_for_budget(model, adamw, loss, 10**13, candidates=[Candidate(0.0)])
+    full = plan_for_budget(model, adamw, loss, 10**13, candidates=[cand(0.0)])
     plans = []
     for frac in (0.8, 0.6, 0.4, 0.3, 0.2, 0.15):
         budget = int(full.expected_total * frac)
@@ -135,9 +147,9 @@ def test_plans_respect_the_budget_for_full_size_configs(name):
             plan = plan_for_budget(model, adamw, loss, budget)
         except BudgetError:
             continue
-        plans.append(plan.candidate.label())
+        plans.append(plan.label())
         assert plan.expected_total <= budget
-        steps = 1 + int(1 / (1 - plan.candidate.freeze_rate) + 0.5)  # every unit trained once
+        steps = 1 + int(1 / (1 - rate(plan.config)) + 0.5)  # every unit trained once
         # a fresh model from the same seed: the planner restored its weights anyway
         fresh = build_case(name, 2, seq_len=32, image_size=64).model
         totals = run_plan(fresh, plan, lambda _g: batch, steps)  # HF models: labels in batch
@@ -166,7 +178,7 @@ def test_plan_is_the_least_lossy_that_fits(name):
     fit; the printed price is the table's."""
     model, batch = build(name)
     loss = lambda: model(**batch).loss  # noqa: E731
-    full = plan_for_budget(model, adamw, loss, 10**12, candidates=[Candidate(0.0)])
+    full = plan_for_budget(model, adamw, loss, 10**12, candidates=[cand(0.0)])
     n = len(SlimFitSession(model, plan_for_budget(model, adamw, loss, 1 << 40).config).units)
     rates = set()
     for frac in (0.7, 0.5, 0.4, 0.3):
@@ -175,20 +187,20 @@ def test_plan_is_the_least_lossy_that_fits(name):
             plan = plan_for_budget(model, adamw, loss, budget)
         except BudgetError:
             continue
-        c = plan.candidate
-        k = int(c.freeze_rate * n)
-        rates.add(round(c.freeze_rate, 4))
-        assert plan.price == expected_price(c.freeze_rate, c.compression)
+        c = plan.config
+        k = int(rate(c) * n)
+        rates.add(round(rate(c), 4))
+        assert plan.price == expected_price(rate(c), c.compression is not None)
         if k == 0:
             continue
         everything = dict(offload_optimizer_state=True, stream_weights=name == "wide")
-        fewer = Candidate((k - 1 + 1e-6) / n if k > 1 else 0.0, compression=c.compression,
-                          **everything)
+        fewer = cand((k - 1 + 1e-6) / n if k > 1 else 0.0, compression=c.compression is not None,
+                     **everything)
         assert not _fits(model, loss, budget, fewer), (plan.describe(), fewer)
         # the exact techniques the plan uses are all needed at its rate
-        if c.stream_weights:
-            assert not _fits(model, loss, budget, Candidate(
-                c.freeze_rate, compression=c.compression, offload_optimizer_state=True))
+        if c.stream is not None:
+            assert not _fits(model, loss, budget, cand(
+                rate(c), compression=c.compression is not None, offload_optimizer_state=True))
     # a continuous search: rates other than the paper's 0.8 / 0.9 / 0.95
     assert rates - {0.8, 0.9, 0.95}, rates
 
@@ -198,12 +210,12 @@ def test_exact_techniques_come_before_more_freezing():
     offload (exact); where offload alone makes a lower rate fit, the plan uses it."""
     model, batch = build("bert")
     loss = lambda: model(**batch).loss  # noqa: E731
-    full = plan_for_budget(model, adamw, loss, 10**12, candidates=[Candidate(0.0)])
+    full = plan_for_budget(model, adamw, loss, 10**12, candidates=[cand(0.0)])
     budget = int(full.expected_total * 0.4)
     plan = plan_for_budget(model, adamw, loss, budget)
-    assert plan.candidate.offload_optimizer_state
-    assert not _fits(model, loss, budget, Candidate(plan.candidate.freeze_rate,
-                                                   compression=plan.candidate.compression))
+    assert plan.config.offload_optimizer_state
+    assert not _fits(model, loss, budget, cand(rate(plan.config),
+                                              compression=plan.config.compression is not None))
     text = plan.describe()
     assert "expected accuracy price" in text and "points vs full fine-tuning" in text
 
@@ -214,7 +226,7 @@ def test_activation_scale_plans_for_a_larger_batch():
     model, _ = build("bert")
     small, large = (CASES["bert"].batch(model, n=n, generator=torch.Generator().manual_seed(0))
                     for n in (4, 16))
-    full = [Candidate(0.0)]
+    full = [cand(0.0)]
     at4 = plan_for_budget(model, adamw, lambda: model(**small).loss, 1 << 40, full,
                           activation_scale=4.0)
     at16 = plan_for_budget(model, adamw, lambda: model(**large).loss, 1 << 40, full)
@@ -235,7 +247,7 @@ def test_activation_scale_plans_for_a_larger_batch():
 
 
 def test_worst_trained_set_counts_distinct_inputs_and_only_linears_as_measured():
-    from slimfit.calibration import _worst_dynamic
+    from slimfit.planning.calibration import _worst_dynamic
     # units: q, k, v of block 0 share input 0; fc1 of blocks 0-1 (inputs 1, 2);
     # a LayerNorm (input 3, saved whether or not its weight trains)
     inputs = [(0, 100, True), (0, 100, True), (0, 100, True), (1, 100, True), (2, 100, True),
@@ -248,7 +260,7 @@ def test_worst_trained_set_counts_distinct_inputs_and_only_linears_as_measured()
 
 
 def test_unit_inputs_record_linears_and_skip_norms_that_save_their_input_anyway():
-    from slimfit.calibration import _unit_inputs
+    from slimfit.planning.calibration import _unit_inputs
     from slimfit.selection import select_units
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
     units = select_units(model).units

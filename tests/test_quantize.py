@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from slimfit.quantize import dequantize, pack_bool, quantize, topk_prune, topk_restore, unpack_bool
+from slimfit.compression.quantize import dequantize, pack_bool, quantize, topk_prune, topk_restore, unpack_bool
 
 
 def reference_codes(x, bits, group):

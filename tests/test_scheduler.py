@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from slimfit.errors import CheckpointMismatchError, SlimFitError
-from slimfit.scheduler import InterLayerScheduler
+from slimfit import CheckpointMismatchError, SlimFitError
+from slimfit.freezing.scheduler import InterLayerScheduler
 
 NAMES = [f"u{i}" for i in range(10)]
 

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from slimfit.errors import SlimFitError
-from slimfit.scores import SCORES, WeightSnapshot
+from slimfit import SlimFitError
+from slimfit.freezing.scores import SCORES, WeightSnapshot
 
 EPS = 1e-8
 

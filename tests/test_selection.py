@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from slimfit.errors import SelectionError
-from slimfit.selection import (compiled_modules, is_compiled, matches, preview, select_modules,
+from slimfit import preview
+from slimfit.selection import (compiled_modules, is_compiled, matches, select_modules,
                                select_units, validate_pattern)
 
 from models import each_case, hf_bert
@@ -48,7 +49,7 @@ def test_exclude_always_train_and_preview():
     pv = preview(m, always_train=["classifier.weight"])
     assert "classifier.weight" in pv["unmatched"]
     assert set(pv["matched"]).isdisjoint(pv["unmatched"])
-    assert len(pv["matched"]) + len(pv["unmatched"]) == len(list(m.parameters()))
+    assert len(pv["matched"]) + len(pv["heads"]) + len(pv["unmatched"]) == len(list(m.parameters()))
 
 
 def test_groups_qkv_into_one_unit():

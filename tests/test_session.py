@@ -11,11 +11,11 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from slimfit.callbacks import SlimFit
-from slimfit.compress import CompressionConfig
-from slimfit.config import SlimFitConfig
-from slimfit.errors import SlimFitError
-from slimfit.planner import BudgetError, plan_for_budget
-from slimfit.session import SessionConfig, SlimFitSession
+from slimfit import CompressionConfig
+from slimfit import SlimFitConfig
+from slimfit import SlimFitError
+from slimfit import BudgetError, plan_for_budget
+from slimfit import SessionConfig, SlimFitSession
 
 from conftest import LitClassifier, lit_module, no_dropout_lit, token_loader, trainer
 import models
@@ -88,7 +88,7 @@ def test_every_freezing_option_survives_memory_budget(tmp_path):
     trainer(tmp_path, max_steps=2, callbacks=[sf]).fit(lit_module(), token_loader(n=16))
     got = sf.session.freezer.config
     want = dataclasses.replace(SlimFitConfig(freeze_rate=0.9, **options),
-                               freeze_rate=sf.plan.candidate.freeze_rate)
+                               freeze_rate=sf.plan.config.freezing.freeze_rate)
     assert got == want
     assert sf.plan.config.freezing == want
 

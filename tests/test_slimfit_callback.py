@@ -13,8 +13,8 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
 from slimfit.callbacks import SlimFit
 from slimfit.callbacks.checks import check_strategy
-from slimfit.errors import (CheckpointMismatchError, SelectionError, ShortBudgetWarning, SlimFitError,
-                            UnsupportedSetupError)
+from slimfit import (CheckpointMismatchError, SelectionError, ShortBudgetWarning, SlimFitError,
+                     UnsupportedSetupError)
 
 from conftest import lit_module, no_dropout_lit, token_loader, trainer
 
@@ -100,7 +100,7 @@ def test_a_run_too_short_for_its_rate_warns_once_naming_the_fix(tmp_path):
 
 
 def test_a_run_long_enough_for_its_rate_does_not_warn(tmp_path, recwarn):
-    from slimfit.accuracy_price import short_budget_note
+    from slimfit.evidence import short_budget_note
     steps = next(n for n in range(1, 200) if short_budget_note(n, 11, 21) is None)  # r=0.5
     trainer(tmp_path, max_steps=steps, callbacks=[SlimFit(freeze_rate=0.5)]).fit(
         lit_module(), token_loader(n=4 * steps))
@@ -144,7 +144,7 @@ def test_logs_heatmap_and_summary(tmp_path):
     assert "slimfit/frozen_fraction" in metrics and "slimfit/score_median" in metrics
     assert sf.files["heatmap"].read_bytes()[:4] == b"\x89PNG"
     assert sf.freezer.history.matrix().shape == (21, 6)
-    summary = sf.summary()
+    summary = sf.freezer.summary()
     assert "frozen per step" in summary and "bert.embeddings.word_embeddings.weight" in summary
     rows = sf.freezer.history.summary()
     assert sum(r["frozen_steps"] for r in rows) == 6 * math.floor(0.75 * 21)

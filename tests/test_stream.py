@@ -10,12 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from slimfit.compress import CompressionConfig
-from slimfit.config import SlimFitConfig
-from slimfit.errors import SelectionError, SlimFitError
-from slimfit.ledger import measure_step
-from slimfit.session import SessionConfig, SlimFitSession
-from slimfit.stream import StreamConfig, WeightStreamer, default_stream_units
+from slimfit import CompressionConfig
+from slimfit import SlimFitConfig
+from slimfit import SelectionError, SlimFitError
+from slimfit import measure_step
+from slimfit import SessionConfig, SlimFitSession
+from slimfit import StreamConfig, WeightStreamer
+from slimfit.offload import default_stream_units
 
 from conftest import make_optimizer, no_dropout_lit
 import models
@@ -50,7 +51,7 @@ def train(case, stream=None, compress=False, optimizer="adamw", steps=6, rate=0.
                 residency.append(st.resident_units())
             session.before_optimizer_step()
 
-        reports.append(measure_step(model, opt, fb, streamer=st))
+        reports.append(measure_step(model, opt, fb, parts=session.parts))
         session.end_step()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     return losses, state, st, reports, residency, model
@@ -220,7 +221,7 @@ def test_callback_streams_exactly_checkpoints_and_resumes(tmp_path):
     ref, _, ref_mon = fit(tmp_path / "ref", None, extra=[ck(tmp_path / "ref_ckpt")])
     lit, sf, mon = fit(tmp_path / "s", StreamConfig(resident=1), extra=[ck(tmp_path / "ckpt")])
     assert_same_state(lit.state_dict(), ref.state_dict())  # identical training
-    assert sf.session.streamer is None  # released at the end: every weight back on the device
+    assert not sf.session.streamer.installed  # released at the end: every weight back on the device
     assert all(p.untyped_storage().nbytes() > 0 for p in lit.parameters())
     last, ref_last = mon.history[-1][1], ref_mon.history[-1][1]
     assert last.offloaded_parameters > 0 and last.parameters < ref_last.parameters
@@ -242,7 +243,7 @@ def test_callback_streams_exactly_checkpoints_and_resumes(tmp_path):
 def test_callback_refuses_streaming_under_ddp():
     import types
     from slimfit.callbacks import SlimFit
-    from slimfit.errors import UnsupportedSetupError
+    from slimfit import UnsupportedSetupError
     with pytest.warns(UserWarning) if not torch.cuda.is_available() else _nullcontext():
         sf = SlimFit(stream_weights=True)
     with pytest.raises(UnsupportedSetupError, match="weight streaming runs in one process; this "
@@ -344,7 +345,7 @@ def test_memory_mapped_weights_stream_and_are_never_quantized(monkeypatch):
     """Weights loaded from a file (non-resizable storage, here from numpy) get their
     own storage when streaming starts, after compression was installed (the
     callback's order): compression must still know them as weights."""
-    import slimfit.compress as compress
+    import slimfit.compression.compressor as compress
     from slimfit.storage import storage_identity
     quantized, current = [], []
 

@@ -1,6 +1,6 @@
 """``SlimFitConfig``: the validated options of the freezing method.
 
-One dataclass shared by the plain-PyTorch :class:`slimfit.freezer.LayerFreezer`
+One dataclass shared by the plain-PyTorch :class:`slimfit.freezing.freezer.LayerFreezer`
 and the Lightning callback, so both reject bad values with the same messages
 (what was received, what is allowed, how to fix it) before any training runs.
 """
@@ -12,8 +12,8 @@ import math
 from typing import Sequence
 
 from slimfit.errors import SlimFitError
-from slimfit.scheduler import SELECTIONS
-from slimfit.scores import SCORES
+from slimfit.freezing.scheduler import SELECTIONS
+from slimfit.freezing.scores import SCORES
 from slimfit.selection import Pattern, validate_pattern
 
 __all__ = ["SlimFitConfig"]
@@ -47,7 +47,7 @@ class SlimFitConfig:
             scores comparable across steps. Combine with ``max_frozen_age``
             (the implicit aging from lr decay is gone too). Update-based
             scores only (``"paper"``, ``"update_norm"``).
-        score: the training-dynamics score (:mod:`slimfit.scores`):
+        score: the training-dynamics score (:mod:`slimfit.freezing.scores`):
             ``"paper"`` mean(|dW| / (|W| + eps)), ``"update_norm"``
             ||dW|| / (||W|| + eps), ``"grad_norm"`` ||g|| / (||W|| + eps),
             ``"fisher"`` mean(g^2) * mean(W^2). Default ``"paper"``: with the
@@ -57,7 +57,7 @@ class SlimFitConfig:
             the step; the step's scores are not recorded) or ``"raise"``.
         train_new_heads: never freeze the parameters the pretrained checkpoint
             did not provide, or else the model's output head
-            (:mod:`slimfit.heads`); a head matched by ``include`` stays a
+            (:mod:`slimfit.freezing.heads`); a head matched by ``include`` stays a
             candidate.
         frozen_score_decay: d in (0, 1]: the authority of a frozen unit's
             stale score decays with each step it stays frozen, the unit

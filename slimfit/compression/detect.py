@@ -5,7 +5,7 @@ dropouts, with no per-architecture code.
 Why a module of its own: the rules are what a new architecture needs to be
 checked against (Hugging Face BERT/RoBERTa/DistilBERT/ViT and timm ViTs all
 use ordinary ``nn.Linear``/``nn.LayerNorm``/``nn.GELU`` modules and an
-attention module that owns its query projection), while ``slimfit.compress``
+attention module that owns its query projection), while ``slimfit.compression.compressor``
 holds what is done to the tensors they save. The attention kernel is
 detected too: eager and ``F.scaled_dot_product_attention`` (Hugging Face
 ``sdpa``, timm's ``fused_attn``) are both compressed, other kernels

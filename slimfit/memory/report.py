@@ -2,7 +2,7 @@
 (parameters, gradients, optimizer state, peak saved activations), their split
 over modules, and the CUDA allocator's peak beside them.
 
-Why a module of its own: the ledger (``slimfit.ledger``) fills a
+Why a module of its own: the ledger (``slimfit.memory.ledger``) fills a
 :class:`MemoryReport`, while the callbacks, the planner, the benchmarks and
 the file writers only read one; they import these dataclasses and
 :func:`format_bytes` without the measuring code. Plain Python and PyTorch.
@@ -84,7 +84,7 @@ class MemoryReport:
     cuda: CudaPeak | None = None
     #: optimizer state held in host memory (offloaded); not part of ``total``
     offloaded_optimizer_state: int = 0
-    #: host master copies of streamed weights (``slimfit.stream``); not part of ``total``
+    #: host master copies of streamed weights (``slimfit.offload.streaming``); not part of ``total``
     offloaded_parameters: int = 0
 
     @property

@@ -21,45 +21,26 @@ allocator slack and temporaries, so the ledger counts the tensors a GPU would
 On CUDA the report also carries the allocator's own peak for the step, so the
 two can be compared. This module holds the static counts and the one-step
 driver :func:`measure_step`; the saved-tensor tracker is in
-``slimfit.tracker``, the report and its tables in ``slimfit.report``, storage
+``slimfit.memory.tracker``, the report and its tables in ``slimfit.memory.report``, storage
 identity in ``slimfit.storage``. Plain PyTorch.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from slimfit.errors import LedgerError
-# The report, the tracker and the storage helpers live in their own modules;
-# the names stay importable from here, where users have always found them.
-from slimfit.report import (CATEGORIES, ROOT_NAME, CudaPeak, MemoryReport, ModuleBytes,
-                            format_bytes, report_modules)
-from slimfit.storage import storage_identity, storage_key
-from slimfit.tracker import SavedTensorTracker
+from slimfit.memory.report import CudaPeak, MemoryReport, ModuleBytes, report_modules
+from slimfit.memory.tracker import SavedTensorTracker
+from slimfit.parts import MemoryAdjustment
+from slimfit.storage import storage_key
 
-__all__ = [
-    "CATEGORIES",
-    "CudaPeak",
-    "LedgerError",
-    "MemoryReport",
-    "ModuleBytes",
-    "ROOT_NAME",
-    "SavedTensorTracker",
-    "build_report",
-    "check_optimizer_owns",
-    "count_gradients",
-    "count_optimizer_state",
-    "count_parameters",
-    "cuda_peak",
-    "format_bytes",
-    "measure_step",
-    "storage_identity",
-    "storage_key",
-]
+__all__ = ["MeasuredStep", "build_report", "check_optimizer_owns", "count_gradients",
+           "count_optimizer_state", "count_parameters", "cuda_peak", "measure_step"]
 
 
 # --------------------------------------------------------------------------
@@ -233,21 +214,19 @@ def cuda_peak(model: nn.Module) -> Iterator[list[CudaPeak | None]]:
 
 def build_report(model: nn.Module, tracker: SavedTensorTracker,
                  grads: tuple[int, dict[str, int]], optim: tuple[int, dict[str, int], int],
-                 cuda: CudaPeak | None = None, streamer: Any = None) -> MemoryReport:
+                 cuda: CudaPeak | None = None,
+                 adjustments: Sequence[MemoryAdjustment] = ()) -> MemoryReport:
     """Assemble a :class:`MemoryReport` from the pieces a step produced.
 
-    With a :class:`slimfit.stream.WeightStreamer`, ``parameters`` is the peak of
-    weights on the device during the step (resident weights plus the streamed
-    ones at their high-water mark, since ``streamer.reset_peak()``); the
+    ``adjustments`` come from the session's parts: with weight streaming,
+    ``parameters`` is the peak of weights on the device during the step
+    (resident weights plus the streamed ones at their high-water mark); the
     per-module split shows the weights resident at the end of the step.
     """
     tracker.finalize()
     p_total, b_total, p_per = count_parameters(model)
-    host_params = 0
-    if streamer is not None and streamer.installed:
-        # count_parameters saw the streamed weights resident now; swap in their peak
-        p_total += streamer.peak_resident_bytes - streamer.resident_bytes
-        host_params = streamer.host_bytes()
+    p_total += sum(a.parameter_peak_extra for a in adjustments)
+    host_params = sum(a.host_parameters for a in adjustments)
     per: dict[str, ModuleBytes] = {}
     for name, _ in report_modules(model):
         mb = ModuleBytes(parameters=p_per.get(name, 0), gradients=grads[1].get(name, 0),
@@ -263,26 +242,101 @@ def build_report(model: nn.Module, tracker: SavedTensorTracker,
                         offloaded_optimizer_state=optim[2], offloaded_parameters=host_params)
 
 
+class MeasuredStep:
+    """One training step under the ledger, opened and closed in three calls, so
+    that a loop (:func:`measure_step`) and a callback spread over hooks
+    (``slimfit.callbacks.MemoryMonitor``) measure the same way::
+
+        m = MeasuredStep(model, parts=session.parts).open()   # before the first forward
+        ... forward and backward of every micro-batch ...
+        m.gradients_ready()                                    # before optimizer.step()
+        optimizer.step()
+        report = m.close(optimizer)                            # after the step
+
+    Args:
+        model: the module being trained.
+        parts: the session's parts (:mod:`slimfit.parts`): what they hold in host
+            memory (offloaded optimizer state, streamed weights) is reported apart.
+
+    Raises:
+        LedgerError: (at ``open``) a model without parameters; (at
+            ``gradients_ready``) a step that produced no gradient.
+    """
+
+    def __init__(self, model: nn.Module, parts: Sequence[Any] = ()):
+        self.model, self.parts = model, list(parts)
+        self._tracker: SavedTensorTracker | None = None
+        self._cuda: Any = None
+        self._box: list[CudaPeak | None] = [None]
+        self._grads: tuple[int, dict[str, int]] | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._tracker is not None
+
+    def open(self) -> "MeasuredStep":
+        count_parameters(self.model)  # raises on a parameter-free model
+        self._cuda = cuda_peak(self.model)
+        self._box = self._cuda.__enter__()
+        self._tracker = SavedTensorTracker(self.model).__enter__()
+        self._grads = None
+        return self
+
+    def gradients_ready(self) -> None:
+        """Backward is done: stop observing saves, count the gradients as held at
+        the optimizer step (unscaled under AMP)."""
+        self._tracker.close()  # saved tensors already packed stay tracked until released
+        self._grads = count_gradients(self.model)
+        if self._grads[0] == 0:
+            self.abort()
+            raise LedgerError(
+                "the measured step produced no gradient on any parameter of "
+                f"{type(self.model).__name__}: it must run the forward pass and call "
+                "loss.backward() (and at least one parameter must require grad).")
+
+    @property
+    def counted_gradients(self) -> bool:
+        """:meth:`gradients_ready` ran (a micro-batch inside an accumulation window: not yet)."""
+        return self._grads is not None
+
+    def close(self, optimizers: torch.optim.Optimizer | Iterable[torch.optim.Optimizer]
+              ) -> MemoryReport:
+        """After the optimizer step: count its state and return the report."""
+        adjustments = [a for p in self.parts if (a := p.memory_adjustment()) is not None]
+        host = frozenset().union(*(a.host_state_keys for a in adjustments))
+        optim = count_optimizer_state(self.model, optimizers, set(host))
+        self._cuda.__exit__(None, None, None)
+        report = build_report(self.model, self._tracker, self._grads, optim, cuda=self._box[0],
+                              adjustments=adjustments)
+        self._tracker = self._cuda = self._grads = None
+        return report
+
+    def abort(self) -> None:
+        """Drop the measurement (an exception, the end of training). Idempotent."""
+        if self._tracker is not None:
+            self._tracker.close()
+        if self._cuda is not None:
+            self._cuda.__exit__(None, None, None)
+        self._tracker = self._cuda = self._grads = None
+
+
 def measure_step(model: nn.Module, optimizer: torch.optim.Optimizer,
-                 step_fn: Callable[[], Any], offloaded: set | None = None,
-                 streamer: Any = None) -> MemoryReport:
+                 step_fn: Callable[[], Any], *, parts: Sequence[Any] = ()) -> MemoryReport:
     """Run one real training step and count its memory.
 
     The ledger clears gradients (``set_to_none``), runs ``step_fn`` (which must
     do the forward and call ``backward``) under the saved-tensor hooks, counts
     the gradients as they are at the optimizer step, calls ``optimizer.step()``,
     counts the optimizer state, then clears gradients again. The model's
-    weights are updated: this is a real step.
+    weights are updated: this is a real step. A session measures its own steps
+    with ``session.step(loss_fn, measure=True)``, which passes its parts.
 
     Args:
         model: the module being trained.
         optimizer: an optimizer built from ``model``'s parameters.
         step_fn: zero-argument callable doing forward + backward.
-        offloaded: storage keys of optimizer state kept in host memory (from
-            ``OptimizerStateOffloader.host_storage_keys()``), reported apart.
-        streamer: the :class:`slimfit.stream.WeightStreamer` of the model, if
-            weights are streamed: parameters are then counted at their peak
-            on the device during the step, their host copies apart.
+        parts: the session's parts, whose host-held bytes are reported apart
+            (:class:`MeasuredStep`).
 
     Returns:
         The :class:`MemoryReport` of that step.
@@ -301,18 +355,13 @@ def measure_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     count_parameters(model)  # raises on a parameter-free model
     check_optimizer_owns(model, optimizer)
     optimizer.zero_grad(set_to_none=True)
-    if streamer is not None and streamer.installed:
-        streamer.reset_peak()
-    with cuda_peak(model) as box:
-        with SavedTensorTracker(model) as tracker:
-            step_fn()
-        grads = count_gradients(model)
-        if grads[0] == 0:
-            raise LedgerError(
-                "step_fn produced no gradient on any parameter of "
-                f"{type(model).__name__}: it must run the forward pass and call "
-                "loss.backward() (and at least one parameter must require grad).")
+    measured = MeasuredStep(model, parts).open()
+    try:
+        step_fn()
+        measured.gradients_ready()
         optimizer.step()
-        optim = count_optimizer_state(model, optimizer, offloaded)
+        report = measured.close(optimizer)
+    finally:
+        measured.abort()
     optimizer.zero_grad(set_to_none=True)
-    return build_report(model, tracker, grads, optim, cuda=box[0], streamer=streamer)
+    return report

@@ -1,7 +1,7 @@
 """Calibration for the budget planner: one measured step of a session and the
 steady-state peak it implies.
 
-Why a module of its own: the planner (``slimfit.planner``) decides which
+Why a module of its own: the planner (``slimfit.planning.planner``) decides which
 configurations to try and in what order; this module answers, for one
 configuration, "what will the peak be once training runs for long", from
 one step the ledger counts. A single step cannot show three things, each
@@ -23,18 +23,18 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from slimfit.freezer import LayerFreezer
-from slimfit.report import MemoryReport
+from slimfit.freezing.freezer import LayerFreezer
+from slimfit.memory.report import MemoryReport
 from slimfit.session import SessionConfig, SlimFitSession
 from slimfit.storage import storage_identity
-from slimfit.stream import WeightStreamer
+from slimfit.offload.streaming import WeightStreamer
 
 __all__ = ["calibrate"]
 
 
 #: modules whose native backward saves the input for the bias gradient too
 #: (convolutions did too; with a frozen weight the session reroutes them,
-#: ``slimfit.frozen_conv``, so they keep their input for dW alone, as Linears do)
+#: ``slimfit.compression.frozen_conv``, so they keep their input for dW alone, as Linears do)
 _SAVES_INPUT_FOR_BIAS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 #: owners that save their input for dW alone: surely dynamic
 _INPUT_FOR_DW_ONLY = (nn.Linear, nn.modules.conv._ConvNd)
@@ -175,7 +175,7 @@ def calibrate(model: nn.Module, make_optimizer: Callable[[list], torch.optim.Opt
     """Expected steady-state peaks of a session built from ``config``:
     ``{None: ...}``, or ``{k: ...}`` for every k (blocks resident) when it
     streams weights (one step measured at the config's k). ``margin``,
-    ``scale`` and ``small_batch`` are :func:`slimfit.planner.plan_for_budget`'s
+    ``scale`` and ``small_batch`` are :func:`slimfit.planning.planner.plan_for_budget`'s
     ``activation_margin``, ``activation_scale`` and ``small_batch``. The model's
     weights move (one optimizer step): the caller restores them."""
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad])

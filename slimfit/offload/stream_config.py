@@ -4,7 +4,7 @@ streamed at all.
 
 Why a module of its own: these are the decisions a user checks before
 training (which blocks, how many resident, which weights stay on the device
-and why), and they are plain functions of the model; ``slimfit.stream`` holds
+and why), and they are plain functions of the model; ``slimfit.offload.streaming`` holds
 the mechanism that moves the weights during a step.
 """
 

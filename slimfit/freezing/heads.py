@@ -7,7 +7,7 @@ the time (its relative change quickly looks small next to a LayerNorm's or a
 pooler's) starves the run; the SlimFit reference code keeps the classifier
 always trained in its ViT scripts, and the freezing heatmaps of this project
 showed a new classifier frozen in ~80% of the steps when it is a candidate.
-So :class:`slimfit.freezer.LayerFreezer` moves these parameters out of the
+So :class:`slimfit.freezing.freezer.LayerFreezer` moves these parameters out of the
 candidates (``SlimFitConfig.train_new_heads``, on by default).
 
 How they are found, generically (no per-model code), first rule that applies:

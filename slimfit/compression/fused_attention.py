@@ -3,7 +3,7 @@
 :class:`CompressedSDPA`, which saves q, k and v quantized (per token and head)
 instead of what the fused kernel saves, and never a T x T tensor.
 
-Interception: the attention scope of ``slimfit.compress`` enters a
+Interception: the attention scope of ``slimfit.compression.compressor`` enters a
 :class:`torch.overrides.TorchFunctionMode` in the module's forward pre-hook
 and leaves it in its forward hook (``always_call``), so only SDPA calls made
 while that module runs are rerouted (Hugging Face ``sdpa``, timm
@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from slimfit.quantize import dequantize, pack_bool, quantize, unpack_bool
+from slimfit.compression.quantize import dequantize, pack_bool, quantize, unpack_bool
 from slimfit.storage import storage_identity
 
 __all__ = ["CompressedSDPA", "SDPARouter"]
@@ -304,7 +304,7 @@ class _SDPAMode(TorchFunctionMode):
 
 
 class SDPARouter:
-    """The SDPA calls of one :class:`slimfit.compress.ActivationCompressor`.
+    """The SDPA calls of one :class:`slimfit.compression.compressor.ActivationCompressor`.
 
     Args:
         bits: 8 or 4, the attention treatment's width.

@@ -39,8 +39,8 @@ do so inside :meth:`WeightStreamer.gathered` (``state_dict`` and
 its host copy). On a machine without CUDA the copies are host-to-host and
 synchronous: the bookkeeping, residency limits and exactness are the same, the
 memory is not saved. The options, the choice of units and of the weights in
-them that can stream are in ``slimfit.stream_config``; one tensor's eviction
-and refill in ``slimfit.streamed_tensor``.
+them that can stream are in ``slimfit.offload.stream_config``; one tensor's eviction
+and refill in ``slimfit.offload.streamed_tensor``.
 """
 
 from __future__ import annotations
@@ -53,14 +53,15 @@ from torch import nn
 
 from slimfit.errors import SlimFitError, UnsupportedSetupError
 from slimfit.hooks import ScopedHooks
-from slimfit.report import format_bytes
+from slimfit.memory.report import format_bytes
+from slimfit.parts import Context, MemoryAdjustment, Part, Step
 from slimfit.selection import refuse_compiled
 from slimfit.storage import storage_identity
-from slimfit.stream_config import (StreamConfig, default_stream_units, select_stream_units,
+from slimfit.offload.stream_config import (StreamConfig, default_stream_units, select_stream_units,
                                    streamable_parameters)
-from slimfit.streamed_tensor import StreamedTensor
+from slimfit.offload.streamed_tensor import StreamedTensor
 
-__all__ = ["StreamConfig", "WeightStreamer", "default_stream_units"]
+__all__ = ["WeightStreamer"]
 
 
 class _Unit:
@@ -107,7 +108,7 @@ class _Scope(ScopedHooks):
         return self.unpack_outer(obj[1])
 
 
-class WeightStreamer:
+class WeightStreamer(Part):
     """Keep at most k units of frozen weights on the device; stream the rest.
 
     Args:
@@ -130,6 +131,8 @@ class WeightStreamer:
         True
         >>> s.remove()
     """
+
+    name = "weight_streaming"
 
     def __init__(self, model: nn.Module, config: StreamConfig | None = None):
         refuse_compiled(model, "weight streaming fetches a block's weights back for backward "
@@ -155,6 +158,34 @@ class WeightStreamer:
         self.peak_resident_bytes = 0
         self.stats = {"fetches": 0, "on_demand": 0, "late": 0, "hits": 0, "write_backs": 0,
                       "bytes_in": 0, "bytes_out": 0}
+
+    @classmethod
+    def from_config(cls, model: nn.Module, config: Any) -> "WeightStreamer | None":
+        return cls(model, config.stream) if config.stream is not None else None
+
+    # -- the step protocol (slimfit.parts) ----------------------------------------
+    def attach(self, ctx: Context) -> None:
+        self.install()
+
+    def on_step_start(self, step: Step) -> None:
+        # after the freezer applied the step's frozen set: weights frozen from now on
+        # may leave the device, so the step starts within k units; its peak starts here
+        self.sync()
+        self.reset_peak()
+
+    def after_optimizer_step(self, step: Step) -> dict[str, float]:
+        out = {f"stream_{k}": float(v) for k, v in self.stats.items()}
+        out["stream_prefetch_hit_rate"] = self.overlap()
+        return out
+
+    def detach(self) -> None:
+        self.remove()
+
+    def memory_adjustment(self) -> MemoryAdjustment | None:
+        if not self.installed:
+            return None
+        return MemoryAdjustment(parameter_peak_extra=self.peak_resident_bytes - self.resident_bytes,
+                                host_parameters=self.host_bytes())
 
     # -- life cycle ----------------------------------------------------------------
     def install(self) -> "WeightStreamer":

@@ -1,14 +1,15 @@
 """``LayerFreezer``: SlimFit's per-step freezing applied to a model, in plain
 PyTorch (the Lightning callback and a hand-written loop both drive it).
 
-One optimizer step is::
+It is the first part of a session (:mod:`slimfit.parts`), which calls it at
+each moment of a step; standalone, one optimizer step is::
 
     frozen = freezer.decide()        # scheduler's choice (broadcast it under DDP)
     freezer.apply(frozen)            # requires_grad toggled, frozen grads dropped
     loss.backward()                  # (any number of micro-batches)
-    freezer.before_optimizer_step(optimizer)  # snapshot of the trained units only
+    freezer.snapshot(optimizer)      # snapshot of the trained units only
     optimizer.step()
-    freezer.after_optimizer_step(loss=loss)   # scores of trained units, history
+    freezer.record(loss=loss)        # scores of trained units, history
 
 Freezing is ``requires_grad=False`` plus ``grad=None``: the parameter stays in
 its optimizer param group (no group is ever added or removed), and optimizers
@@ -16,7 +17,7 @@ skip a parameter whose gradient is ``None``, so a frozen tensor is
 bit-identical after the step (weight decay and momentum included). Autograd
 then neither computes its weight gradient nor saves the input kept only for it.
 
-New heads (:mod:`slimfit.heads`) are taken out of the candidates and trained
+New heads (:mod:`slimfit.freezing.heads`) are taken out of the candidates and trained
 every step unless ``train_new_heads=False``. A step whose loss or scores are
 NaN/inf is recorded like a skipped step (its scores never reach the
 scheduler), with one warning per freezer or a :class:`NonFiniteError`.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import pathlib
 import statistics
 import warnings
 from typing import Any, Sequence
@@ -33,18 +35,20 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from slimfit.config import SlimFitConfig
+from slimfit.freezing.config import SlimFitConfig
 from slimfit.errors import CheckpointMismatchError, NonFiniteError, SelectionError, SlimFitError
-from slimfit.heads import HeadReport, detect_new_heads
-from slimfit.history import FreezeHistory
-from slimfit.scheduler import InterLayerScheduler
-from slimfit.scores import WeightSnapshot
+from slimfit.freezing.heads import HeadReport, detect_new_heads
+from slimfit.freezing.history import FreezeHistory
+from slimfit.freezing.scheduler import InterLayerScheduler
+from slimfit.freezing.scores import WeightSnapshot
+from slimfit.parts import Context, Part, Step
+from slimfit.evidence import short_budget_note
 from slimfit.selection import Selection, iter_parameters, matches, select_units
 
-__all__ = ["LayerFreezer"]
+__all__ = ["LayerFreezer", "preview"]
 
 
-class LayerFreezer:
+class LayerFreezer(Part):
     """Per-iteration freezing of a model's candidate units.
 
     Args:
@@ -56,7 +60,7 @@ class LayerFreezer:
         selection: what is frozen and what is always trained (new heads
             included); ``describe()`` prints it.
         heads: the new-head parameters taken out of the candidates and how
-            they were found (:class:`slimfit.heads.HeadReport`).
+            they were found (:class:`slimfit.freezing.heads.HeadReport`).
         nonfinite_steps: the steps whose loss or scores were NaN/inf.
 
     Raises:
@@ -64,6 +68,8 @@ class LayerFreezer:
             nothing, the model has no candidate, or every candidate is a new
             head.
     """
+
+    name = "freezing"
 
     def __init__(self, model: nn.Module, config: SlimFitConfig | None = None, **kwargs: Any):
         if config is not None and kwargs:
@@ -84,7 +90,7 @@ class LayerFreezer:
             self.names, c.freeze_rate, seed=c.seed, max_frozen_age=c.max_frozen_age,
             frozen_score_decay=c.frozen_score_decay, selection=c.selection,
             reserve_fraction=c.reserve_fraction)
-        # embedding tables: scored over the rows the step used (slimfit.scores)
+        # embedding tables: scored over the rows the step used (slimfit.freezing.scores)
         self._tables = {id(m.weight) for m in model.modules()
                         if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
         self.nonfinite_steps: list[int] = []  # steps whose loss or scores were NaN/inf
@@ -94,10 +100,46 @@ class LayerFreezer:
         self.last_stats: dict[str, float] = {}
         self._snapshot: WeightSnapshot | None = None
         self._lrs: list[float] | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+
+    @classmethod
+    def from_config(cls, model: nn.Module, config: Any) -> "LayerFreezer | None":
+        return cls(model, config.freezing) if config.freezing is not None else None
 
     @property
     def num_frozen(self) -> int:
         return self.scheduler.num_frozen
+
+    # -- the step protocol (slimfit.parts) -------------------------------------------
+    def attach(self, ctx: Context) -> None:
+        self._optimizer = ctx.optimizer
+
+    def on_step_start(self, step: Step) -> None:
+        self.apply(step.frozen)
+
+    def before_optimizer_step(self, step: Step) -> None:
+        self.snapshot(self._optimizer)
+
+    def after_optimizer_step(self, step: Step) -> dict[str, float]:
+        return dict(self.record(skipped=step.skipped, loss=step.loss_finite))
+
+    def detach(self) -> None:
+        self.restore()
+
+    def run_notes(self, total_steps: float) -> list[str]:
+        note = short_budget_note(total_steps, self.scheduler.num_trained, len(self.units))
+        return [note] if note is not None else []
+
+    def write_files(self, out: pathlib.Path) -> dict[str, pathlib.Path]:
+        """The freezing heatmap (unit x step) and the summary table (nothing before
+        the first step)."""
+        if not len(self.history):
+            return {}
+        out = pathlib.Path(out)
+        files = {"heatmap": self.history.plot_heatmap(out / "freeze_heatmap.png"),
+                 "summary": out / "freeze_summary.md"}
+        files["summary"].write_text(self.summary() + "\n")
+        return files
 
     def parameters(self) -> list[nn.Parameter]:
         """Every candidate parameter (identity-tracked)."""
@@ -122,7 +164,7 @@ class LayerFreezer:
                     p.grad = None  # a stale grad would let the optimizer move it
         self.frozen = sorted(fz)
 
-    def before_optimizer_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+    def snapshot(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Snapshot the trained units (call after backward, before ``step``).
 
         Args:
@@ -130,12 +172,12 @@ class LayerFreezer:
                 rate each trained unit is about to be updated with.
         """
         if self.frozen is None:
-            raise SlimFitError("before_optimizer_step() called before apply(): no step is open.")
+            raise SlimFitError("snapshot() called before apply(): no step is open.")
         fz = set(self.frozen)
         self._lrs = None
         if self.config.lr_normalized:
             if optimizer is None:
-                raise SlimFitError("lr_normalized=True needs before_optimizer_step(optimizer).")
+                raise SlimFitError("lr_normalized=True needs snapshot(optimizer).")
             lr_of = {id(p): float(g["lr"]) for g in optimizer.param_groups for p in g["params"]}
             self._lrs = [lr_of.get(id(u.params[0]), 0.0)
                          for i, u in enumerate(self.units) if i not in fz]
@@ -148,8 +190,8 @@ class LayerFreezer:
             row_sparse=[p for ps in trained for p in ps if id(p) in self._tables],
             keep_weights=self.config.lr_scale != 1.0)
 
-    def after_optimizer_step(self, *, skipped: bool = False,
-                             loss: torch.Tensor | float | None = None) -> dict[str, float]:
+    def record(self, *, skipped: bool = False,
+               loss: torch.Tensor | float | None = None) -> dict[str, float]:
         """Score the trained units and record the step.
 
         Args:
@@ -169,7 +211,7 @@ class LayerFreezer:
                 first, so the freezer's state stays consistent).
         """
         if self.frozen is None or self._snapshot is None:
-            raise SlimFitError("after_optimizer_step() needs before_optimizer_step() first.")
+            raise SlimFitError("record() needs snapshot() first: no step was snapshotted.")
         snap, self._snapshot = self._snapshot, None
         step, frozen = self.scheduler.step, self.frozen
         scores, bad = None, None
@@ -285,6 +327,39 @@ class LayerFreezer:
                 f"corrupt SlimFit history state {str(state['history'])[:80]!r}: {e!r}.") from e
 
 
+def preview(model: nn.Module, config: SlimFitConfig | None = None,
+            **options: Any) -> dict[str, list[str]]:
+    """What freezing will touch, before any training: the units the freezer
+    rotates, and the new heads it trains every step, listed apart.
+
+    Args:
+        model: the model to fine-tune.
+        config / **options: a :class:`SlimFitConfig` or its fields, as for
+            :class:`LayerFreezer` (``include``, ``exclude``, ``groups`` ...).
+
+    Returns:
+        ``{"units": [rotating unit names], "matched": [their parameter names],
+        "heads": [new-head parameters, always trained], "unmatched": [every
+        other parameter: biases, excluded, frozen by the user]}``.
+
+    Raises:
+        SlimFitError: as :class:`LayerFreezer` (a pattern matching nothing, no
+            candidate, bad options).
+
+    Example:
+        >>> m = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4), nn.Linear(4, 2))
+        >>> p = preview(m)
+        >>> p["units"], p["heads"]
+        (['0.weight', '1.weight'], ['2.weight', '2.bias'])
+    """
+    freezer = LayerFreezer(model, config, **options)
+    matched = [n for u in freezer.units for n in u.param_names]
+    heads = list(freezer.heads.names)
+    taken = set(matched) | set(heads)
+    return {"units": list(freezer.names), "matched": matched, "heads": heads,
+            "unmatched": [n for n, _, _ in iter_parameters(model) if n not in taken]}
+
+
 def _loss_flag(loss: torch.Tensor | float | None) -> torch.Tensor | bool | None:
     """"The loss was finite", left on the device for a tensor (no sync here)."""
     if loss is None:
@@ -302,7 +377,7 @@ def _rank_zero() -> bool:
 
 def _without_new_heads(model: nn.Module, sel: Selection, config: SlimFitConfig
                        ) -> tuple[Selection, HeadReport]:
-    """Move the units holding a new head (:mod:`slimfit.heads`) from the
+    """Move the units holding a new head (:mod:`slimfit.freezing.heads`) from the
     candidates to the always-trained parameters; a head the user's ``include``
     names stays a candidate."""
     found = detect_new_heads(model)

@@ -33,6 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from slimfit.parts import Context, Part
+from slimfit.selection import is_compiled
+
 __all__ = ["FrozenConvRouter"]
 
 _CONV = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
@@ -108,7 +111,7 @@ class _Mode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-class FrozenConvRouter:
+class FrozenConvRouter(Part):
     """Hooks on every convolution of ``model`` (``nn.Conv1d/2d/3d`` and subclasses,
     not transposed) so that its steps with a frozen weight save no input.
 
@@ -121,11 +124,27 @@ class FrozenConvRouter:
         >>> router.remove()
     """
 
+    name = "frozen_conv"
+
     def __init__(self, model: nn.Module):
         self.modules = [m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)
                         and not m.transposed]
         self._handles: list[Any] = []
         self._active: list[_Mode | None] = []
+
+    @classmethod
+    def from_config(cls, model: nn.Module, config: Any) -> "FrozenConvRouter | None":
+        # with freezing only (a weight is frozen in most steps); not under torch.compile,
+        # whose graphs would break at the hooks' function mode
+        if config.freezing is None or is_compiled(model):
+            return None
+        return cls(model)
+
+    def attach(self, ctx: Context) -> None:
+        self.install()
+
+    def detach(self) -> None:
+        self.remove()
 
     def install(self) -> "FrozenConvRouter":
         if not self._handles:

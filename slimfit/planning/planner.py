@@ -7,10 +7,10 @@ compresses; one real step per candidate, counted by the ledger, is exact on
 any device. The one figure a single step cannot show, the steady-state
 optimizer state (every unit gets its state the first time it is trained), is
 extrapolated from the measured bytes of state per byte of trained parameters
-(``slimfit.calibration`` turns one measured step into the steady-state peak).
+(``slimfit.planning.calibration`` turns one measured step into the steady-state peak).
 
 Why accuracy first: freezing is the lossy step (the fidelity study prices it,
-``slimfit.accuracy_price``); optimizer-state offload, weight streaming and
+``slimfit.evidence``); optimizer-state offload, weight streaming and
 activation offload are exact and cost only time. So the search is:
 
 1. full fine-tuning, if it fits;
@@ -24,8 +24,10 @@ activation offload are exact and cost only time. So the search is:
    largest k that fits, k' = min(2, k - 1) prefetched), + activation offload
    (CUDA only).
 
-``candidates=[...]`` instead tries a fixed list in the order given (the
-first that fits), for users who want to decide the order themselves.
+``candidates=[...]`` instead tries a fixed list of :class:`slimfit.session.
+SessionConfig` in the order given (the first that fits), for users who want to
+decide the order themselves. A plan is a ``SessionConfig`` too, named by its
+one label (``SessionConfig.label()``).
 ``activation_scale`` (and ``small_batch``) plan a larger batch than the
 calibration batch: activations grow linearly with it, the rest does not.
 """
@@ -34,23 +36,22 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from torch import nn
 
-from slimfit.accuracy_price import expected_price
-from slimfit.calibration import calibrate
-from slimfit.compress import CompressionConfig
-from slimfit.config import SlimFitConfig
+from slimfit.compression.config import CompressionConfig
 from slimfit.errors import SlimFitError
-from slimfit.freezer import LayerFreezer
-from slimfit.report import format_bytes
+from slimfit.evidence import expected_price
+from slimfit.freezing.config import SlimFitConfig
+from slimfit.freezing.freezer import LayerFreezer
+from slimfit.memory.report import format_bytes
+from slimfit.offload.stream_config import StreamConfig, default_stream_units
+from slimfit.planning.calibration import calibrate
 from slimfit.session import SessionConfig
-from slimfit.stream import StreamConfig, default_stream_units
 
-__all__ = ["parse_budget", "Candidate", "Plan", "BudgetError", "default_candidates",
-           "plan_for_budget", "optimizer_like"]
+__all__ = ["BudgetError", "Plan", "optimizer_like", "parse_budget", "plan_for_budget"]
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
           "gb": 1000**3, "t": 1000**4, "tb": 1000**4, "kib": 2**10, "mib": 2**20, "gib": 2**30,
@@ -84,61 +85,46 @@ def parse_budget(budget: str | int | float) -> int:
     return int(value)
 
 
-@dataclasses.dataclass(frozen=True)
-class Candidate:
-    """One configuration the planner may choose: which techniques are on."""
+class _Knobs(NamedTuple):
+    """The coordinates of the planner's search: which techniques are on (a
+    hashable key for the calibrations; :func:`_config` turns it into the
+    ``SessionConfig`` that runs)."""
 
     freeze_rate: float
-    offload_optimizer_state: bool = False
     compression: bool = False
-    offload_activations: bool = False
-    #: stream frozen weights; k and k' are chosen by the planner (``Plan.stream``)
+    offload_optimizer_state: bool = False
     stream_weights: bool = False
+    offload_activations: bool = False
 
-    def label(self) -> str:
-        parts = ["full fine-tuning" if self.freeze_rate == 0 else f"SlimFit r={self.freeze_rate:.3g}"]
-        parts += [n for n, on in (("optimizer-state offload", self.offload_optimizer_state),
-                                  ("compression", self.compression),
-                                  ("weight streaming", self.stream_weights),
-                                  ("activation offload", self.offload_activations)) if on]
-        return " + ".join(parts)
-
-    def session_config(self, base: SessionConfig, resident: int = 2) -> SessionConfig:
-        """``base`` with this candidate's techniques switched on or off; every
-        other option (selection, scores, compression settings, stream units)
-        is the user's, carried by ``dataclasses.replace``."""
-        stream = None
-        if self.stream_weights:
-            stream = dataclasses.replace(base.stream or StreamConfig(), resident=resident,
-                                         prefetch=min(2, resident - 1))
-        return dataclasses.replace(
-            base, freezing=dataclasses.replace(base.freezing or SlimFitConfig(),
-                                               freeze_rate=self.freeze_rate),
-            compression=(base.compression or CompressionConfig()) if self.compression else None,
-            offload_optimizer_state=self.offload_optimizer_state,
-            offload_activations=self.offload_activations, stream=stream)
+    @classmethod
+    def of(cls, config: SessionConfig) -> "_Knobs":
+        f = config.freezing
+        return cls(f.freeze_rate if f is not None else 0.0, config.compression is not None,
+                   config.offload_optimizer_state, config.stream is not None,
+                   config.offload_activations)
 
 
-def default_candidates(cuda: bool | None = None, stream: bool = True) -> list[Candidate]:
-    """A fixed ladder from least to most aggressive, for ``candidates=``
-    (activation offload only where there is a GPU; weight streaming only when
-    ``stream``: it needs a single process). The default search does not use it."""
-    cuda = torch.cuda.is_available() if cuda is None else cuda
-    out = [Candidate(0.0), Candidate(0.8), Candidate(0.9), Candidate(0.95),
-           Candidate(0.9, offload_optimizer_state=True), Candidate(0.95, offload_optimizer_state=True),
-           Candidate(0.9, True, True), Candidate(0.95, True, True)]
-    if stream:
-        out.append(Candidate(0.95, True, True, stream_weights=True))
-    if cuda:
-        out.append(Candidate(0.95, True, True, offload_activations=True, stream_weights=stream))
-    return out
+def _config(knobs: _Knobs, base: SessionConfig, resident: int = 2) -> SessionConfig:
+    """``base`` with the techniques of ``knobs`` switched on or off; every other
+    option (selection, scores, compression settings, stream units) is the
+    user's, carried by ``dataclasses.replace``. Streaming keeps ``resident``
+    blocks, ``min(2, resident - 1)`` prefetched."""
+    stream = None
+    if knobs.stream_weights:
+        stream = dataclasses.replace(base.stream or StreamConfig(), resident=resident,
+                                     prefetch=min(2, resident - 1))
+    return dataclasses.replace(
+        base, freezing=dataclasses.replace(base.freezing or SlimFitConfig(),
+                                           freeze_rate=knobs.freeze_rate),
+        compression=(base.compression or CompressionConfig()) if knobs.compression else None,
+        offload_optimizer_state=knobs.offload_optimizer_state,
+        offload_activations=knobs.offload_activations, stream=stream)
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """The chosen configuration and its expected steady-state peak (bytes)."""
 
-    candidate: Candidate
     #: what to build the session from: ``SlimFitSession(model, plan.config)``
     config: SessionConfig
     budget: int
@@ -157,10 +143,14 @@ class Plan:
     def expected_total(self) -> int:
         return self.expected["total"]
 
+    def label(self) -> str:
+        """The plan's configuration by its one name (``SessionConfig.label``)."""
+        return self.config.label()
+
     def describe(self) -> str:
-        c, e = self.candidate, self.expected
+        c, e = self.config, self.expected
         gap, source = self.price
-        lines = [f"SlimFit memory plan for a budget of {format_bytes(self.budget)}: {c.label()}",
+        lines = [f"SlimFit memory plan for a budget of {format_bytes(self.budget)}: {self.label()}",
                  f"  expected accuracy price {gap:+.2f} points vs full fine-tuning ({source})",
                  f"  expected peak {format_bytes(e['total'])} = parameters {format_bytes(e['parameters'])}"
                  f" + gradients {format_bytes(e['gradients'])} + optimizer state "
@@ -183,7 +173,7 @@ def _has_stream_units(model: nn.Module, stream: StreamConfig | None) -> bool:
 
 def plan_for_budget(model: nn.Module, make_optimizer: Callable[[list], torch.optim.Optimizer],
                     loss_fn: Callable[[], torch.Tensor], budget: str | int,
-                    candidates: Sequence[Candidate] | None = None,
+                    candidates: Sequence[SessionConfig] | None = None,
                     base: SessionConfig | None = None, activation_margin: float = 0.1, *,
                     activation_scale: float = 1.0,
                     small_batch: tuple[Callable[[], torch.Tensor], float] | None = None,
@@ -201,8 +191,8 @@ def plan_for_budget(model: nn.Module, make_optimizer: Callable[[list], torch.opt
         make_optimizer: builds the optimizer used in training from a parameter list.
         loss_fn: zero-argument forward pass returning the loss of one batch.
         budget: bytes or a size string (``"12GiB"``).
-        candidates: a fixed list to try in the order given instead of the
-            search (the first that fits). Weight streaming is dropped for a
+        candidates: a fixed list of session configs to try in the order given
+            instead of the search (the first that fits; streaming's k is chosen). Weight streaming is dropped for a
             model with no repeated blocks (and no ``base.stream.units``).
         base: the user's options (freezing selection and scores, compression
             settings, stream units); each candidate switches techniques on or
@@ -244,38 +234,40 @@ def plan_for_budget(model: nn.Module, make_optimizer: Callable[[list], torch.opt
     cuda = torch.cuda.is_available() if cuda is None else cuda
     saved = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     tried: list[tuple[str, int]] = []
-    measured: dict[Candidate, dict] = {}
+    measured: dict[_Knobs, dict] = {}
 
-    def evaluate(cand: Candidate) -> tuple[int | None, dict] | None:
-        """(k, expected) of ``cand`` if it fits, else None; each candidate is
-        calibrated once and recorded in ``tried``."""
-        fresh = cand not in measured
+    def evaluate(knobs: _Knobs) -> tuple[int | None, dict] | None:
+        """(k, expected) of ``knobs`` if it fits, else None; each configuration
+        is calibrated once and recorded in ``tried``."""
+        fresh = knobs not in measured
         if fresh:
-            measured[cand] = calibrate(model, make_optimizer, loss_fn,
-                                       cand.session_config(base, resident=2),
-                                       activation_margin, activation_scale, small_batch)
+            measured[knobs] = calibrate(model, make_optimizer, loss_fn, _config(knobs, base),
+                                        activation_margin, activation_scale, small_batch)
             model.load_state_dict(saved)
-        by_k = measured[cand]
+        by_k = measured[knobs]
         fits = [k for k, e in by_k.items() if e["total"] <= budget_b]
         k = max(fits) if fits else min(by_k)  # more blocks resident: fewer transfers
         if fresh:
-            tried.append((cand.label() + (f" (k={k})" if cand.stream_weights else ""),
+            tried.append((_config(knobs, base).label() + (f" (k={k})" if knobs.stream_weights else ""),
                           by_k[k]["total"]))
         return (k, by_k[k]) if fits else None
 
-    def plan(cand: Candidate, found: tuple[int | None, dict]) -> Plan:
+    def plan(knobs: _Knobs, found: tuple[int | None, dict]) -> Plan:
         k, expected = found
-        return Plan(cand, cand.session_config(base, resident=k or 2), budget_b, expected,
-                    tuple(tried), expected_price(cand.freeze_rate, cand.compression))
+        return Plan(_config(knobs, base, resident=k or 2), budget_b, expected, tuple(tried),
+                    expected_price(knobs.freeze_rate, knobs.compression))
 
     try:
         if candidates is not None:
-            for cand in candidates:
-                if cand.stream_weights and not stream:
+            for config in candidates:
+                if not isinstance(config, SessionConfig):
+                    raise BudgetError(f"candidates must be SessionConfig objects, got {config!r}.")
+                knobs = _Knobs.of(config)
+                if knobs.stream_weights and not stream:
                     continue
-                found = evaluate(cand)
+                found = evaluate(knobs)
                 if found is not None:
-                    return plan(cand, found)
+                    return plan(knobs, found)
         else:
             found = _search(evaluate, plan, model, base, max_freeze_rate, stream, cuda)
             if found is not None:
@@ -293,12 +285,12 @@ def plan_for_budget(model: nn.Module, make_optimizer: Callable[[list], torch.opt
 def _search(evaluate, plan, model, base: SessionConfig, max_rate: float, stream: bool,
             cuda: bool) -> Plan | None:
     """The accuracy-first search of the module docstring; None if nothing fits."""
-    full = Candidate(0.0)
+    full = _Knobs(0.0)
     found = evaluate(full)
     if found is not None:
         return plan(full, found)
     if base.freezing is None:  # the user switched freezing off: compression alone, or nothing
-        alone = Candidate(0.0, compression=True)
+        alone = _Knobs(0.0, compression=True)
         found = evaluate(alone)
         return plan(alone, found) if found is not None else None
     n_units = len(LayerFreezer(model, base.freezing).units)  # the user's candidates
@@ -316,22 +308,22 @@ def _search(evaluate, plan, model, base: SessionConfig, max_rate: float, stream:
 
     best: tuple[float, int, bool] | None = None  # (price, frozen units, compression)
     for compression in (False, True):
-        if compression and evaluate(Candidate(0.0, compression=True)) is not None:
+        if compression and evaluate(_Knobs(0.0, compression=True)) is not None:
             hi = 0  # compression alone fits
         else:  # rate 0 without compression is full fine-tuning: it did not fit
-            if evaluate(Candidate(rate(k_max), compression=compression, **ladders[-1])) is None:
+            if evaluate(_Knobs(rate(k_max), compression=compression, **ladders[-1])) is None:
                 continue
             # bisection for the fewest frozen units that fit with every exact technique on
             lo, hi = 0, k_max  # lo: does not fit, hi: fits
             while hi - lo > 1:
                 mid = (lo + hi) // 2
-                if evaluate(Candidate(rate(mid), compression=compression, **ladders[-1])) is None:
+                if evaluate(_Knobs(rate(mid), compression=compression, **ladders[-1])) is None:
                     lo = mid
                 else:
                     hi = mid
             # the peak is monotone in the frozen count only up to which units the
             # first step happens to freeze: step down while one unit fewer fits
-            while hi > 1 and evaluate(Candidate(rate(hi - 1), compression=compression,
+            while hi > 1 and evaluate(_Knobs(rate(hi - 1), compression=compression,
                                                 **ladders[-1])) is not None:
                 hi -= 1
         price = -expected_price(rate(hi), compression)[0]
@@ -341,9 +333,9 @@ def _search(evaluate, plan, model, base: SessionConfig, max_rate: float, stream:
         return None
     _, k, compression = best
     if k == 0:  # compression alone (the exact techniques act on frozen units)
-        return plan(Candidate(0.0, compression=True), evaluate(Candidate(0.0, compression=True)))
+        return plan(_Knobs(0.0, compression=True), evaluate(_Knobs(0.0, compression=True)))
     for ladder in ladders:  # the fastest exact techniques that fit at that rate
-        cand = Candidate(rate(k), compression=compression, **ladder)
+        cand = _Knobs(rate(k), compression=compression, **ladder)
         found = evaluate(cand)
         if found is not None:
             return plan(cand, found)

@@ -22,7 +22,7 @@ from torch import nn
 
 from slimfit.errors import LedgerError
 from slimfit.hooks import top_saved_tensors_hooks
-from slimfit.report import ROOT_NAME, report_modules
+from slimfit.memory.report import ROOT_NAME, report_modules
 from slimfit.storage import storage_identity, storage_key
 
 __all__ = ["SavedTensorTracker"]
@@ -97,7 +97,7 @@ class SavedTensorTracker:
         # Parameters and buffers are counted elsewhere; a Linear's saved
         # weight.t() is a view of the parameter's storage and maps to it here.
         # By StorageImpl identity, not address: a streamed weight's storage is
-        # resized in place (slimfit.stream), and an activation may be allocated
+        # resized in place (slimfit.offload.streaming), and an activation may be allocated
         # at the address it just freed.
         self._excluded = {storage_identity(t) for t in self.model.parameters()}
         self._excluded |= {storage_identity(t) for t in self.model.buffers()}

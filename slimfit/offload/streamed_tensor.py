@@ -6,7 +6,7 @@ tensor object, and its storage is resized to 0 bytes when evicted and back
 when fetched, then filled from the host master through ``.data`` (which does
 not bump autograd's version counter), so autograd's saved references to it
 see the refilled bytes. Why a module of its own: this is the per-tensor
-mechanism, independent of the schedule in ``slimfit.stream`` that decides
+mechanism, independent of the schedule in ``slimfit.offload.streaming`` that decides
 which units are on the device when.
 """
 

@@ -4,7 +4,7 @@ gets which treatment, and which modules).
 
 Why a module of its own: these are the choices a user (or a Hydra file)
 makes and the validation that names a bad value and its fix; the mechanism
-that applies them during a step is ``slimfit.compress``, which re-exports
+that applies them during a step is ``slimfit.compression.compressor``, which re-exports
 both classes.
 """
 
@@ -13,9 +13,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-from slimfit.detect import KINDS
+from slimfit.compression.detect import KINDS
 from slimfit.errors import SlimFitError
-from slimfit.quantize import SUPPORTED_BITS
+from slimfit.compression.quantize import SUPPORTED_BITS
 from slimfit.selection import Pattern, validate_pattern
 
 __all__ = ["Treatment", "CompressionConfig"]

@@ -28,12 +28,12 @@ bytes and offload moves them.
 Fused attention (Hugging Face ``sdpa``, timm ``fused_attn``, any module that
 calls ``F.scaled_dot_product_attention`` inside an attention scope) is
 compressed too: the scope enters a torch-function mode that routes the call
-through ``slimfit.fused_attention`` (q, k, v saved int8, attention recomputed
+through ``slimfit.compression.fused_attention`` (q, k, v saved int8, attention recomputed
 in backward; no T x T tensor stored). Attention kernels that bypass that
 function (``flash_attention_2``, ``flex_attention``) are left alone, with a
 warning. Under ``torch.compile`` saved-tensor hooks save nothing (pytorch
 #148222): compression refuses a compiled model, or one with a compiled module
-inside. The detection of each kind's modules is in ``slimfit.detect``.
+inside. The detection of each kind's modules is in ``slimfit.compression.detect``.
 """
 
 from __future__ import annotations
@@ -44,16 +44,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimfit.compress_config import CompressionConfig, Treatment
-from slimfit.detect import KINDS, attention_kernel, detect_kinds
+from slimfit.compression.config import CompressionConfig, Treatment
+from slimfit.compression.detect import KINDS, attention_kernel, detect_kinds
 from slimfit.errors import SlimFitError
-from slimfit.fused_attention import SDPARouter
+from slimfit.compression.fused_attention import SDPARouter
 from slimfit.hooks import ScopedHooks
-from slimfit.quantize import dequantize, pack_bool, quantize, topk_prune, topk_restore, unpack_bool
+from slimfit.parts import Context, Part
+from slimfit.compression.quantize import dequantize, pack_bool, quantize, topk_prune, topk_restore, unpack_bool
 from slimfit.selection import refuse_compiled, select_modules
 from slimfit.storage import is_parameter_or_view, storage_identity
 
-__all__ = ["Treatment", "CompressionConfig", "ActivationCompressor", "KINDS"]
+__all__ = ["ActivationCompressor"]
 
 
 # ----------------------------------------------------------------------------
@@ -98,7 +99,7 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
 class _Scope(ScopedHooks):
     """Pack/unpack pair of one kind; pushed while a module of that kind runs.
     An attention scope also enters a torch-function mode (``mode``) that
-    routes the module's SDPA calls (``slimfit.fused_attention``)."""
+    routes the module's SDPA calls (``slimfit.compression.fused_attention``)."""
 
     def __init__(self, kind: str, treatment: Treatment | None, compressor: "ActivationCompressor"):
         self.kind, self.treatment, self.compressor = kind, treatment, compressor
@@ -181,7 +182,7 @@ class _Scope(ScopedHooks):
         return dequantize(meta)
 
 
-class ActivationCompressor:
+class ActivationCompressor(Part):
     """Installs the scoped hooks on a model.
 
     Args:
@@ -192,7 +193,7 @@ class ActivationCompressor:
         SlimFitError: the model or a module inside it is ``torch.compile``-d;
             SelectionError: a ``modules`` pattern that matches no module.
 
-    ``sdpa`` is the :class:`slimfit.fused_attention.SDPARouter` of the
+    ``sdpa`` is the :class:`slimfit.compression.fused_attention.SDPARouter` of the
     attention scopes (calls routed, calls that fell back and why).
 
     Example:
@@ -203,6 +204,8 @@ class ActivationCompressor:
         >>> with comp:
         ...     m(torch.randn(4, 8)).sum().backward()
     """
+
+    name = "compression"
 
     def __init__(self, model: nn.Module, config: CompressionConfig | None = None):
         refuse_compiled(model, "activation compression uses saved-tensor hooks, which "
@@ -221,6 +224,16 @@ class ActivationCompressor:
         tr = self.config.attention
         self.sdpa = SDPARouter(bits=tr.bits or 8, group_size=tr.group_size,
                                stochastic=tr.stochastic, min_numel=self.config.min_numel)
+
+    @classmethod
+    def from_config(cls, model: nn.Module, config: Any) -> "ActivationCompressor | None":
+        return cls(model, config.compression) if config.compression is not None else None
+
+    def attach(self, ctx: Context) -> None:
+        self.install()
+
+    def detach(self) -> None:
+        self.remove()
 
     def _select(self) -> dict[str, list[tuple[str, nn.Module]]]:
         cfg = self.config
@@ -273,7 +286,7 @@ class ActivationCompressor:
     def install(self) -> "ActivationCompressor":
         if self._handles:
             return self
-        # by storage identity: a streamed weight (slimfit.stream) keeps its storage
+        # by storage identity: a streamed weight (slimfit.offload.streaming) keeps its storage
         # but not its address, and must still never be quantized
         self._param_storages = {storage_identity(p) for p in self.model.parameters()}
         for kind, mods in self.targets.items():

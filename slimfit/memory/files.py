@@ -13,7 +13,7 @@ import csv
 import pathlib
 from typing import Sequence
 
-from slimfit.report import CATEGORIES, MemoryReport
+from slimfit.memory.report import CATEGORIES, MemoryReport
 
 __all__ = ["write_memory_files", "plot_breakdown"]
 

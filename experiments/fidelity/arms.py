@@ -1,0 +1,140 @@
+"""The fidelity study's design: its tasks, seeds, arms (each a set of Hydra
+overrides of ``slimfit.experiments.train``), the training settings two arms
+share, the groups the queue runs, and which full fine-tuning run each arm is
+paired with.
+
+When a default changes, the runs recorded before it keep their results but
+are relabelled with the old setting made explicit in their overrides and arm
+name, and a ``relabelled`` field records the old id and why: the inputs of
+trained Linears became int8, so the earlier ``slimfit`` runs are
+``slimfit-fp32-linear`` (and ``...@fp32-linear``), and the earlier
+``slimfit-int8-linear`` runs are ``slimfit``; then a quarter of the trained
+slots became reserved for the least recently trained units, so the earlier
+``slimfit`` runs are ``slimfit-topk`` (every slot by score), the earlier
+freezing ablations carry ``@topk``, and the ``slimfit-reserve0.25`` runs are
+``slimfit``; then LoRA's method file moved from lr 5e-4 to the sweep's best,
+1e-3, so the earlier ``lora`` runs are ``lora@lr5e-4`` and the
+``lora@lr1e-3`` runs are ``lora``.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ABLATIONS", "ARMS", "GROUPS", "SEEDS", "SHARED_SETTINGS", "STUDY_TASKS", "TASKS",
+           "reference", "setting"]
+
+TASKS = {"movie": "fidelity_movie", "sms": "fidelity_sms", "bbc": "fidelity_bbc",
+         "trec": "fidelity_trec"}
+#: the tasks the groups choose defaults on; TREC was held out until its gap chose
+#: ``reserve_fraction`` (which these three then checked, docs/results.md)
+STUDY_TASKS = ("movie", "sms", "bbc")
+SEEDS = (0, 1, 2)
+
+#: arm name -> overrides shared by every task of that arm
+ARMS: dict[str, list[str]] = {
+    "full": ["slimfit=full"],
+    # SlimFit r=0.9 + compression at the project's defaults (int8 Linear inputs
+    # since the study measured them; the runs before are "slimfit-fp32-linear")
+    "slimfit": ["slimfit=r090_compress"],
+    # ablations, each one change from "slimfit"
+    "slimfit-head-candidate": ["slimfit=r090_compress", "+slimfit.train_new_heads=false"],
+    # the paper's choices: head a candidate, step scale 1, eager attention
+    "slimfit-paper-eager": ["slimfit=r090_compress", "+slimfit.train_new_heads=false",
+                            "+slimfit.trained_lr_scale=1.0", "model.attn_implementation=eager",
+                            "slimfit.compression.linear_input=none"],
+    "slimfit-nocompress": ["slimfit=r090"],
+    # compression alone, nothing frozen (every Linear trained, so every Linear input
+    # int8): the planner's first lossy plan
+    "compress-only": ["slimfit=r090_compress", "slimfit.freeze_rate=0.0"],
+    # trained Linears' inputs kept as they are (the default until the study showed int8
+    # costs no accuracy; its runs until then were the "slimfit" arm)
+    "slimfit-fp32-linear": ["slimfit=r090_compress", "slimfit.compression.linear_input=none"],
+    # a peer at the same budget: PEFT LoRA r=8 (its method file sets lr 1e-3, its best in the
+    # lr sweep; the runs at the usual 5e-4 are "lora@lr5e-4")
+    "lora": ["slimfit=full", "method=lora"],
+    # a peer: full fine-tuning with bitsandbytes AdamW8bit (block-quantized state)
+    "full-8bit": ["slimfit=full", "method=full_8bit"],
+    # the paper's step size for trained units (the default before trained_lr_scale="auto")
+    "slimfit-lrscale1": ["slimfit=r090_compress", "+slimfit.trained_lr_scale=1.0"],
+    "slimfit-update_norm": ["slimfit=r090_compress", "+slimfit.score=update_norm"],
+    "slimfit-grad_norm": ["slimfit=r090_compress", "+slimfit.score=grad_norm"],
+    "slimfit-decay0.99": ["slimfit=r090_compress", "+slimfit.frozen_score_decay=0.99"],
+    "slimfit-age20": ["slimfit=r090_compress", "slimfit.max_frozen_age=20"],
+    "slimfit-sample": ["slimfit=r090_compress", "+slimfit.selection=sample"],
+    # every trained slot by score (the paper's top-k; the default until the study)
+    "slimfit-topk": ["slimfit=r090_compress", "+slimfit.reserve_fraction=0.0"],
+}
+for _lr in ("5e-5", "2e-4", "3e-4"):
+    ARMS[f"full@lr{_lr}"] = ["slimfit=full", f"task.lr={_lr}"]
+    ARMS[f"slimfit@lr{_lr}"] = ["slimfit=r090_compress", f"task.lr={_lr}"]
+    ARMS[f"slimfit-lrscale1@lr{_lr}"] = [*ARMS["slimfit-lrscale1"], f"task.lr={_lr}"]
+# LoRA's own sweep (the plain "lora" arm at its method file's 1e-3): a peer judged at a
+# rate that handicaps it would flatter SlimFit
+for _lr in ("2e-4", "5e-4", "2e-3"):
+    ARMS[f"lora@lr{_lr}"] = [*ARMS["lora"], f"task.lr={_lr}"]
+# ablations first run before int8 Linear inputs became the default, kept apart
+for _arm in ("slimfit-lrscale1", "slimfit-lrscale1@lr3e-4"):
+    ARMS[f"{_arm}@fp32-linear"] = [*ARMS[_arm], "slimfit.compression.linear_input=none"]
+for _r in ("0.5", "0.8", "0.95"):
+    ARMS[f"slimfit-r{_r}"] = ["slimfit=r090_compress", f"slimfit.freeze_rate={_r}"]
+#: training settings both arms run under, each a ``full-<name>`` and a
+#: ``slimfit-<name>`` arm: SlimFit's run under one is paired with full
+#: fine-tuning's under the same (:func:`reference`), so the gap is SlimFit's own.
+#: Short budgets are a fraction of each task's own epoch (the schedule's length
+#: follows: tasks.py sizes warm-up and decay from ``estimated_stepping_batches``).
+SHARED_SETTINGS = {"0.2ep": ["trainer.max_epochs=1", "+trainer.limit_train_batches=0.2"],
+                   "1ep": ["trainer.max_epochs=1"],
+                   # the reference code's schedule: linear decay from the peak, no warm-up
+                   "nowarmup": ["task.warmup_fraction=0.0"]}
+for _name, _setting in SHARED_SETTINGS.items():
+    ARMS[f"full-{_name}"] = ["slimfit=full", *_setting]
+    ARMS[f"slimfit-{_name}"] = ["slimfit=r090_compress", *_setting]
+# freezing runs recorded before reserve_fraction=0.25 became the default, kept apart
+for _arm in ("slimfit-paper-eager", "slimfit-lrscale1@fp32-linear",
+             "slimfit-lrscale1@lr3e-4@fp32-linear", "slimfit-fp32-linear", "slimfit-nocompress",
+             "slimfit-decay0.99", "slimfit-0.2ep"):
+    ARMS[f"{_arm}@topk"] = [*ARMS[_arm], "+slimfit.reserve_fraction=0.0"]
+
+ABLATIONS = ("slimfit-head-candidate", "slimfit-nocompress", "slimfit-fp32-linear", "compress-only",
+             "slimfit-lrscale1", "slimfit-update_norm", "slimfit-grad_norm",
+             "slimfit-decay0.99", "slimfit-age20", "slimfit-sample", "slimfit-topk",
+             "slimfit-nowarmup", "full-nowarmup")
+
+#: group -> (tasks, arms, seeds); the queue runs groups in the order given
+GROUPS = {
+    "core0": (STUDY_TASKS, ("full", "slimfit"), (0,)),
+    "ablation0": (("movie",), ABLATIONS, (0,)),
+    "core": (STUDY_TASKS, ("full", "slimfit"), SEEDS),
+    # the issue's held-out check (another task, the Hydra entry point, every option
+    # default); TREC's gap chose reserve_fraction, so it is held out no longer
+    "trec": (("trec",), ("full", "slimfit", "slimfit-topk"), SEEDS),
+    "ablation": (("movie",), ABLATIONS, (0, 1)),
+    "lr": (("movie",), tuple(a for a in ARMS if "@lr" in a), (0, 1)),
+    "rate": (("movie",), ("slimfit-r0.5", "slimfit-r0.8", "slimfit-r0.95"), (0, 1)),
+    "short": (STUDY_TASKS, ("full-0.2ep", "slimfit-0.2ep", "full-1ep", "slimfit-1ep"), SEEDS),
+    "peers": (("movie",), ("lora", "full-8bit"), SEEDS),
+}
+
+
+def setting(arm: str) -> str:
+    """The training setting ``arm`` runs under, from its name: a peak lr
+    (``"lr2e-4"`` for ``slimfit@lr2e-4@topk``), a :data:`SHARED_SETTINGS` name
+    (``"0.2ep"`` for ``slimfit-0.2ep@topk``, ``"nowarmup"``), or ``""`` for the
+    default setting (``slimfit-r0.8``, ``lora``)."""
+    base, _, rest = arm.partition("@")
+    lr = rest.split("@", 1)[0]
+    if lr.startswith("lr"):
+        return lr
+    name = base.rsplit("-", 1)[1] if "-" in base else ""
+    return name if name in SHARED_SETTINGS else ""
+
+
+def reference(arm: str) -> str:
+    """The full fine-tuning arm ``arm`` is paired with: the one under the same
+    training setting (:func:`setting`: ``slimfit-0.2ep@topk`` -> ``full-0.2ep``,
+    ``slimfit-nowarmup`` -> ``full-nowarmup``, ``slimfit@lr2e-4`` ->
+    ``full@lr2e-4``), else ``full`` (a peak lr full fine-tuning never ran at,
+    LoRA's 5e-4, is paired with full fine-tuning at its own)."""
+    name = setting(arm)
+    if name.startswith("lr"):
+        return f"full@{name}" if f"full@{name}" in ARMS else "full"
+    return f"full-{name}" if name else "full"
