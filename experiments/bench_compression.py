@@ -8,9 +8,9 @@ Examples:
     python experiments/bench_compression.py --model vit-b16 --batch-sizes 8 16 32 --extrapolate 128
     python experiments/bench_compression.py --model bert-base --fidelity --batch-sizes 8
     python -m slimfit.experiments.bench_compression --model bert-base --batch-sizes 8 32 \
-        --extrapolate 128 --arms full slimfit+compress +offload +stream
+        --extrapolate 128 --arms full slimfit slimfit_offload slimfit_stream
     python -m slimfit.experiments.bench_compression --model vit-b16 --batch-sizes 2 4 8 \
-        --extrapolate 128 --arms full slimfit+compress +offload +stream --linear-input none
+        --extrapolate 128 --arms full slimfit slimfit_offload slimfit_stream --linear-input none
 
 Each arm uses a fresh model (same seed), loaded with SDPA attention as
 transformers and timm do by default (``--attn eager`` for the eager model,
@@ -32,16 +32,29 @@ from __future__ import annotations
 
 import argparse
 
+import dataclasses
+
 from slimfit import ActivationCompressor, CompressionConfig, Treatment
-from slimfit.experiments.bench_cases import (ARMS, arm_config, build_case, extrapolation_table,
-                                             measure_method, memory_table)
-from slimfit.experiments.methods import Method
+from slimfit.experiments.bench_cases import extrapolation_table, measure_method, memory_table
+from slimfit.experiments.runs import RUNS
+from slimfit.experiments.zoo import build_case
+
+#: the registry's runs this benchmark compares: full fine-tuning and SlimFit's
+#: own (AdamW, no peer), each at the command line's rate and compression
+ARMS = tuple(n for n, r in RUNS.items() if r.lora is None and not r.checkpointing
+             and r.optimizer == "adamw")
 
 
 def run_arm(args, arm, batch_sizes, comp_cfg):
-    """Benchmark arm ``arm`` (AdamW) at every batch size: a :class:`MethodRun`."""
-    method = Method(name=arm, session=arm_config(arm, args.freeze_rate, comp_cfg))
-    return measure_method(args.model, method, batch_sizes, seq_len=args.seq_len,
+    """Registry run ``arm`` at the command line's freezing rate and compression
+    settings, at every batch size: a :class:`RunResult`."""
+    run = RUNS[arm]
+    if run.session is not None:
+        run = run.variant(arm, session=dataclasses.replace(
+            run.session, freezing=dataclasses.replace(run.session.freezing,
+                                                      freeze_rate=args.freeze_rate),
+            compression=comp_cfg if run.session.compression is not None else None))
+    return measure_method(args.model, run, batch_sizes, seq_len=args.seq_len,
                           image_size=args.image_size, device=args.device, attn=args.attn,
                           timed=args.timed_steps, label=arm)
 
@@ -92,8 +105,9 @@ def main(argv=None):
                     help="inputs saved by trained Linears other than the FFN down-projection "
                          "(dynamic activations): int8 per token (the default) or kept")
     ap.add_argument("--fidelity", action="store_true")
-    ap.add_argument("--arms", nargs="+", default=["full", "slimfit", "slimfit+compress"],
-                    choices=ARMS, help="'full' is required (ratios are against it)")
+    ap.add_argument("--arms", nargs="+", default=["full", "slimfit_nocompress", "slimfit"],
+                    choices=ARMS, help="registry runs (experiments/runs.py); 'full' is required "
+                                       "(ratios are against it)")
     args = ap.parse_args(argv)
     cfg = CompressionConfig(layernorm=Treatment(method=args.layernorm),
                             gelu=Treatment(method=args.gelu_bits, group_size=64),

@@ -16,9 +16,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from slimfit.experiments.bench_cases import (CASES, arm_config, build_case, make_optimizer,
-                                             start_session, timed_steps)
-from slimfit import format_bytes
+from slimfit import SessionConfig, format_bytes
+from slimfit.experiments.bench_cases import make_optimizer, start_session, timed_steps
+from slimfit.experiments.runs import RUNS
+from slimfit.experiments.zoo import CASES, build_case
 
 
 def main(argv=None) -> None:
@@ -35,12 +36,13 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     rows = {}
-    for arm in ("full", "slimfit"):
+    for arm, name in (("full", "full"), ("slimfit", "slimfit_nocompress")):
         case = build_case(args.model, args.batch_size, args.seq_len, args.image_size, args.device)
         opt = make_optimizer(args.optimizer, case.model)
-        cfg = arm_config(arm, args.freeze_rate)
-        if cfg.freezing is not None:
-            cfg = dataclasses.replace(cfg, freezing=dataclasses.replace(cfg.freezing, seed=args.seed))
+        cfg = RUNS[name].session or SessionConfig()
+        if cfg.freezing is not None:  # freezing alone, at the command line's rate and seed
+            cfg = dataclasses.replace(cfg, freezing=dataclasses.replace(
+                cfg.freezing, freeze_rate=args.freeze_rate, seed=args.seed))
         session = start_session(case, opt, cfg)  # every tensor trained once: AdamW state exists
         freezer = session.freezer
         if freezer is not None:

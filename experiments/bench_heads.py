@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import argparse
 
-from slimfit import CompressionConfig
-from slimfit import SlimFitConfig
-from slimfit.experiments.bench_cases import build_case, make_optimizer, start_session
-from slimfit import format_bytes
-from slimfit import SessionConfig
+from slimfit import CompressionConfig, SessionConfig, SlimFitConfig, format_bytes
+from slimfit.experiments.bench_cases import make_optimizer, start_session
+from slimfit.experiments.zoo import build_case
 
 
 def measure(name: str, batch: int, heads: bool, steps: int) -> tuple[int, int, int]:

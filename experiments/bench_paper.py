@@ -38,11 +38,10 @@ import gc
 
 import torch
 
-from slimfit.experiments.bench_cases import (arm_config, build_case, case_batch,
-                                             extrapolation_table, measure_method)
-from slimfit.experiments.methods import METHODS, Method
-from slimfit import BudgetError, parse_budget, plan_for_budget
-from slimfit import format_bytes
+from slimfit import BudgetError, format_bytes, parse_budget, plan_for_budget
+from slimfit.experiments.bench_cases import extrapolation_table, measure_method
+from slimfit.experiments.runs import RUNS, Run
+from slimfit.experiments.zoo import build_case, case_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,10 +59,8 @@ SCENARIOS = {
 }
 
 
-def arms() -> list[Method]:
-    return [METHODS["full"], METHODS["slimfit"],
-            Method(name="slimfit_offload", session=arm_config("+offload")),
-            Method(name="slimfit_stream", session=arm_config("+stream"))]
+def arms() -> list[Run]:
+    return [RUNS[n] for n in ("full", "slimfit", "slimfit_offload", "slimfit_stream")]
 
 
 def plan_table(sc: Scenario, small: int, batch: int, target: int, budgets: list[str],
@@ -90,9 +87,8 @@ def plan_table(sc: Scenario, small: int, batch: int, target: int, budgets: list[
             continue
         e = plan.expected
         host = e["host_optimizer_state"] + e["host_parameters"]
-        k = f" (k={plan.stream[0]}, k'={plan.stream[1]})" if plan.stream else ""
         gap, source = plan.price
-        lines.append(f"| {budget} | {plan.candidate.label()}{k} | {format_bytes(e['total'])} | "
+        lines.append(f"| {budget} | {plan.label()} | {format_bytes(e['total'])} | "
                      f"{format_bytes(e['parameters'])} | {format_bytes(e['gradients'])} | "
                      f"{format_bytes(e['optimizer_state'])} | {format_bytes(e['activations'])} | "
                      f"{format_bytes(host)} | {gap:+.2f} points ({source}) |")
@@ -128,10 +124,7 @@ def main(argv=None) -> str:
            f"(batch {args.target})\n"]
     if not args.skip_arms:
         runs = [measure_method(sc.model, m, bsz, seq_len=sc.seq_len, image_size=sc.image_size,
-                               timed=args.timed_steps, label=f"{m.name}: {m.label()}"
-                               + {"slimfit_offload": " + optimizer-state offload",
-                                  "slimfit_stream": " + optimizer-state offload + weight "
-                                                    "streaming (k=2, k'=1)"}.get(m.name, ""),
+                               timed=args.timed_steps, label=f"{m.name}: {m.label()}",
                                precision=args.precision,
                                attention_dropout=args.attention_dropout)
                 for m in arms()]

@@ -36,9 +36,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from slimfit.experiments.bench_cases import (CASES, extrapolation_table, measure_method,
-                                             memory_table)
-from slimfit.experiments.methods import METHODS
+from slimfit.experiments.bench_cases import extrapolation_table, measure_method, memory_table
+from slimfit.experiments.runs import RUNS
+from slimfit.experiments.zoo import CASES
+
+#: the registry's runs this benchmark compares by default: full fine-tuning, the peers a
+#: user would otherwise run, SlimFit, and their combinations
+PEERS = ("full", "full_8bit", "checkpointing", "lora", "lora_checkpointing", "slimfit",
+         "slimfit_checkpointing", "lora_compress")
 
 
 def main(argv=None) -> list:
@@ -49,20 +54,20 @@ def main(argv=None) -> list:
     ap.add_argument("--extrapolate", type=int, default=None, help="batch to extrapolate to")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--image-size", type=int, default=224)
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+    ap.add_argument("--methods", nargs="+", default=list(PEERS), choices=list(RUNS),
                     help="'full' is measured first whatever the order: it is the baseline")
     ap.add_argument("--eager-methods", nargs="*", default=["full", "slimfit"],
-                    choices=list(METHODS), help="secondary rows on the eager-attention model")
+                    choices=list(RUNS), help="secondary rows on the eager-attention model")
     ap.add_argument("--attention-dropout", type=float, default=None,
                     help="override the HF models' attention dropout (default: theirs)")
     ap.add_argument("--lora-dropout", type=float, default=None,
-                    help="override LoRA's dropout (default 0.1, methods.LoraSpec)")
+                    help="override LoRA's dropout (default 0.1, peers.LoraSpec)")
     ap.add_argument("--timed-steps", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
 
     def method(name):
-        m = METHODS[name]
+        m = RUNS[name]
         if m.lora is not None and args.lora_dropout is not None:
             m = dataclasses.replace(m, lora=dataclasses.replace(m.lora, dropout=args.lora_dropout))
         return m

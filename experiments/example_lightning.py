@@ -13,7 +13,7 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
 
-from slimfit.experiments.bench_cases import minilm_path  # noqa: E402
+from slimfit.experiments.zoo import minilm_path  # noqa: E402
 from slimfit.callbacks import MemoryMonitor, SlimFit  # noqa: E402
 from slimfit.experiments.data import load_text_task  # noqa: E402
 

@@ -50,36 +50,23 @@ import traceback
 
 import torch
 
-from slimfit.experiments.bench_cases import arm_config, build_case, make_optimizer
-from slimfit.experiments.methods import METHODS, Method
-from slimfit import format_bytes
-from slimfit import BudgetError, plan_for_budget
+from slimfit import BudgetError, SessionConfig, SlimFitSession, format_bytes, plan_for_budget
+from slimfit.experiments.bench_cases import make_optimizer
+from slimfit.experiments.runs import RUNS, Run
+from slimfit.experiments.zoo import build_case
 from slimfit.planning.planner import optimizer_like
-from slimfit import SessionConfig, SlimFitSession
 
-#: this check's arms -> the method they run (``planner``: the plan's config;
-#: ``full-eager``: full fine-tuning with eager attention, the secondary row)
-ARM_METHOD = {
-    "full": Method(name="full"),
-    "full+8bit": METHODS["full_8bit"],
-    "checkpointing": METHODS["checkpointing"],
-    "lora": METHODS["lora"],
-    "lora+checkpointing": METHODS["lora_checkpointing"],
-    "lora+compress": METHODS["lora_compress"],
-    "slimfit": Method(name="slimfit", session=arm_config("slimfit+compress")),
-    "slimfit+8bit": Method(name="slimfit+8bit", optimizer="adamw8bit",
-                           session=arm_config("slimfit+compress")),
-    "slimfit+offload": Method(name="slimfit+offload", session=arm_config("+offload+act")),
-    "slimfit+stream": Method(name="slimfit+stream", session=arm_config("+stream+act")),
-    "full-eager": Method(name="full"),
-}
-ARMS = (*ARM_METHOD, "planner")
+#: this check's arms: registry runs (experiments/runs.py), full fine-tuning first
+#: (the baseline), and the planner's choice at --budget-fraction of its peak
+ARMS = ("full", "full_8bit", "checkpointing", "lora", "lora_checkpointing", "lora_compress",
+        "slimfit", "slimfit_8bit", "slimfit_offload_act", "slimfit_stream_act", "full_eager",
+        "planner")
 
 
 DEVICE = "cuda"
 
 
-def missing_package(method: Method) -> str | None:
+def missing_package(method: Run) -> str | None:
     """The package an arm needs that this machine lacks (the GPU image has no
     bitsandbytes), or None."""
     import importlib.util
@@ -94,10 +81,10 @@ def _sync():
 
 
 def run_arm(args, model_name, bs, arm, full_peak):
-    method = ARM_METHOD.get(arm, Method(name=arm))
+    method = RUNS.get(arm, RUNS["full"])  # the planner starts from full fine-tuning's model
     # bf16 autocast by default (Case.loss): how a GPU user fine-tunes
     case = build_case(model_name, 2, args.seq_len, args.image_size, device=DEVICE,
-                      attn="eager" if arm == "full-eager" else "sdpa", precision=args.precision)
+                      attn=method.attention or "sdpa", precision=args.precision)
     case.model = method.apply(case.model)
     opt = make_optimizer(method.optimizer, case.model)
     plan_txt = ""
@@ -201,7 +188,7 @@ def main(argv=None):
                 if arm == "planner" and rows.get("full") is None:
                     continue  # the budget is a fraction of full fine-tuning's peak
                 full_peak = rows["full"][0] if rows.get("full") else None
-                missing = missing_package(ARM_METHOD.get(arm, Method(name=arm)))
+                missing = missing_package(RUNS.get(arm, RUNS["full"]))
                 if missing:
                     print(f"  {model_name} b{bs} {arm}: skipped, {missing} is not installed here")
                     rows[arm] = None

@@ -19,7 +19,8 @@ import time
 
 import torch
 
-from slimfit.experiments.bench_cases import CASES, build_case, make_optimizer
+from slimfit.experiments.bench_cases import make_optimizer
+from slimfit.experiments.zoo import CASES, build_case
 from slimfit import measure_step
 from slimfit import format_bytes
 

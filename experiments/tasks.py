@@ -1,7 +1,7 @@
 """Lightning modules for the experiments: one classification task module for
-text and images (model injected, lightning-hydra-template style), one data
-module over :mod:`slimfit.experiments.data`, and the model factories the
-Hydra configs point at.
+text and images (model injected, lightning-hydra-template style) and one data
+module over :mod:`slimfit.experiments.data`. The models come from
+:mod:`slimfit.experiments.zoo`.
 """
 
 from __future__ import annotations
@@ -14,68 +14,10 @@ import torch
 from torch import nn
 
 from slimfit.experiments import data as D
-from slimfit.experiments.bench_cases import minilm_path
-from slimfit.experiments.methods import OPTIMIZERS, build_optimizer
+from slimfit.experiments.zoo import minilm_path
+from slimfit.experiments.runs import OPTIMIZERS, build_optimizer
 
-__all__ = ["ClassificationTask", "ClassificationData", "minilm_path", "hf_pretrained",
-           "hf_from_config", "timm_vit"]
-
-
-# ----------------------------------------------------------------------------
-# Models
-# ----------------------------------------------------------------------------
-
-
-def hf_pretrained(path: str, num_labels: int, attn_implementation: str = "sdpa") -> nn.Module:
-    """A Hugging Face sequence classifier from a local path or hub name
-    (``minilm`` = the packaged MiniLM). Offline: a hub name must be cached."""
-    from transformers import AutoModelForSequenceClassification
-    path = minilm_path() if path == "minilm" else path
-    return AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=num_labels, attn_implementation=attn_implementation).train()
-
-
-_FAMILIES = {"bert": ("BertConfig", "BertForSequenceClassification"),
-             "roberta": ("RobertaConfig", "RobertaForSequenceClassification"),
-             "distilbert": ("DistilBertConfig", "DistilBertForSequenceClassification"),
-             "vit": ("ViTConfig", "ViTForImageClassification")}
-
-
-def hf_from_config(family: str, num_labels: int, attn_implementation: str = "sdpa",
-                   **config: Any) -> nn.Module:
-    """A randomly initialised HF model from its config (BERT-base, ViT-B/16 ...)."""
-    if family not in _FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; choose one of {sorted(_FAMILIES)}.")
-    import transformers
-    cfg_cls, model_cls = (getattr(transformers, n) for n in _FAMILIES[family])
-    cfg = cfg_cls(num_labels=num_labels, attn_implementation=attn_implementation, **config)
-    return model_cls(cfg)
-
-
-class _TimmClassifier(nn.Module):
-    """timm model behind the HF-style ``pixel_values`` keyword."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values)
-
-
-def timm_vit(name: str, num_labels: int, img_size: int, patch_size: int | None = None,
-             eager_attention: bool = False, **kwargs: Any) -> nn.Module:
-    """A timm ViT from scratch (no package ships ViT weights); ``eager_attention``
-    turns off timm's fused attention (compression covers both paths)."""
-    import timm
-    extra = {"patch_size": patch_size} if patch_size else {}
-    m = timm.create_model(name, pretrained=False, num_classes=num_labels, img_size=img_size,
-                          **extra, **kwargs)
-    if eager_attention:
-        for mod in m.modules():
-            if hasattr(mod, "fused_attn"):
-                mod.fused_attn = False
-    return _TimmClassifier(m)
+__all__ = ["ClassificationTask", "ClassificationData"]
 
 
 def _logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -12,7 +12,7 @@ Examples:
 
 Every component comes from ``configs/`` through ``_target_``: model, data,
 task, method, slimfit, trainer, logger(s), callbacks. The ``method`` group
-(:mod:`slimfit.experiments.methods`) transforms the model (LoRA,
+(:mod:`slimfit.experiments.runs`) transforms the model (LoRA,
 checkpointing) and names the optimizer; SlimFit itself is the ``slimfit``
 group's callback, which the SlimFit methods select.
 """
@@ -32,7 +32,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from slimfit.callbacks import MemoryMonitor, SlimFit, StepTimer
-from slimfit.experiments.methods import Method, MethodError, run_label
+from slimfit.experiments.runs import Run, RunError
 
 #: the YAML files of the installed ``slimfit.configs`` package (editable or not)
 CONFIG_DIR = str(importlib.resources.files("slimfit.configs"))
@@ -82,7 +82,7 @@ def build(cfg: DictConfig) -> tuple[pl.Trainer, pl.LightningModule, pl.Lightning
         sf_cfg.setdefault("seed", cfg.seed)
         slimfit = instantiate(OmegaConf.create(sf_cfg), _convert_="all")  # plain lists/dicts
         if method.checkpointing and slimfit.memory_budget is not None:
-            raise MethodError(f"method={method.name} checkpoints activations, which the memory "
+            raise RunError(f"method={method.name} checkpoints activations, which the memory "
                               "planner does not model (it may choose compression, which does not "
                               "compose with checkpointing); drop slimfit.memory_budget.")
         dataclasses.replace(method, session=slimfit.session_config)  # refuses what does not compose
@@ -95,28 +95,28 @@ def build(cfg: DictConfig) -> tuple[pl.Trainer, pl.LightningModule, pl.Lightning
     return trainer, task, datamodule, meta
 
 
-def _method(cfg: DictConfig) -> Method:
-    """The run's :class:`Method` (``configs/method/``; full fine-tuning if absent)."""
+def _method(cfg: DictConfig) -> Run:
+    """The run's :class:`Run` (``configs/method/``; full fine-tuning if absent)."""
     node = cfg.get("method")
     if node is None:
-        return Method(name="full")
+        return Run(name="full")
     if not isinstance(node, DictConfig) or "_target_" not in node:
         raise ValueError(f"config group 'method' needs a _target_ (got {node!r}); choose one of "
                          "configs/method/*.yaml.")
     method = instantiate(node)
-    if not isinstance(method, Method):
-        raise ValueError(f"method._target_ must build a slimfit.experiments.methods.Method, got "
+    if not isinstance(method, Run):
+        raise ValueError(f"method._target_ must build a slimfit.experiments.runs.Run, got "
                          f"{type(method).__name__}.")
     return method
 
 
-def _optimizer(cfg: DictConfig, method: Method) -> str:
+def _optimizer(cfg: DictConfig, method: Run) -> str:
     """The method's optimizer; ``task.optimizer`` may only repeat it or stay ``adamw``."""
     task_opt = cfg.task.get("optimizer", "adamw")
     if task_opt in ("adamw", method.optimizer):
         return method.optimizer
     if method.optimizer != "adamw":
-        raise MethodError(f"task.optimizer={task_opt} conflicts with method={method.name} "
+        raise RunError(f"task.optimizer={task_opt} conflicts with method={method.name} "
                           f"({method.optimizer}); drop one of them.")
     return task_opt
 
@@ -129,7 +129,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     mon = next((c for c in trainer.callbacks if isinstance(c, MemoryMonitor)), None)
     timer = next((c for c in trainer.callbacks if isinstance(c, StepTimer)), None)
     slimfit: SlimFit | None = meta["slimfit"]
-    method: Method = meta["method_config"]
+    method: Run = meta["method_config"]
     report = mon.history[-1][1] if mon is not None and mon.history else None
     rate = float(slimfit.freezer.config.freeze_rate) if slimfit else 0.0
     compression = bool(slimfit and slimfit.session.config.compression is not None)
@@ -139,7 +139,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "attention": cfg.model.get("attn_implementation") or (
             "eager" if cfg.model.get("eager_attention") else "fused"),
         "method": meta["method"],
-        "method_label": run_label(method, rate if slimfit else None, compression),
+        # what ran: the method with the session the callback ran (a budget's plan included)
+        "method_label": dataclasses.replace(
+            method, session=slimfit.session.config if slimfit else None).label(),
         "lora_r": method.lora.r if method.lora else None,
         "checkpointing": method.checkpointing, "optimizer": task.optimizer_name,
         "seed": int(cfg.seed), "freeze_rate": rate, "compression": compression,

@@ -25,7 +25,8 @@ from slimfit.callbacks.checks import check_strategy
 from slimfit import ActivationCompressor, CompressionConfig, Treatment
 from slimfit import SlimFitConfig
 from slimfit import CheckpointMismatchError, SelectionError, SlimFitError, UnsupportedSetupError
-from slimfit.experiments.tasks import ClassificationData, ClassificationTask, hf_from_config
+from slimfit.experiments.tasks import ClassificationData, ClassificationTask
+from slimfit.experiments.zoo import hf_from_config
 from slimfit.experiments.train import CONFIG_DIR, build
 from slimfit import LayerFreezer
 from slimfit import measure_step

@@ -29,7 +29,7 @@ def test_each_price_comes_from_an_arm_that_runs_its_setting(key):
     arm = study.PRICE_ARMS[key]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=["experiment=fidelity_movie", "output_dir=/tmp/unused",
-                                          *fidelity.ARMS[arm]])
+                                          *fidelity.ARMS[arm].overrides])
     assert (cfg.slimfit.freeze_rate, cfg.slimfit.compression is not None) == key
     assert SHIPPED.prices[key].arm == arm
 

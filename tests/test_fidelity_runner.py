@@ -14,7 +14,7 @@ from slimfit.experiments.train import CONFIG_DIR
 def test_every_arm_composes_and_its_slimfit_options_build(arm):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=["experiment=fidelity_movie", "output_dir=/tmp/unused",
-                                          *fidelity.ARMS[arm]])
+                                          *fidelity.ARMS[arm].overrides])
     if cfg.slimfit.enabled:  # the callback validates every SlimFitConfig field it is given
         options = {k: v for k, v in cfg.slimfit.items() if k not in ("name", "enabled")}
         instantiate(options)
@@ -27,7 +27,7 @@ def test_every_arm_composes_and_its_slimfit_options_build(arm):
 def test_every_task_composes_at_three_epochs(task):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={fidelity.TASKS[task]}", "output_dir=/tmp/unused",
-                                          *fidelity.ARMS["slimfit"]])
+                                          *fidelity.ARMS["slimfit"].overrides])
     assert cfg.trainer.max_epochs == 3 and cfg.trainer.max_steps == -1
     assert cfg.slimfit.freeze_rate == 0.9 and cfg.slimfit.compression.attention == "int8"
 
@@ -93,7 +93,7 @@ def test_every_recorded_run_ran_its_arm():
             assert arm in fidelity.ARMS, f"{task}/{arm}: recorded, but no such arm"
             base = [f"experiment={fidelity.TASKS[task]}", "output_dir=/tmp/unused"]
             ran, now = compose("train", overrides=[*base, *overrides]), \
-                compose("train", overrides=[*base, *fidelity.ARMS[arm]])
+                compose("train", overrides=[*base, *fidelity.ARMS[arm].overrides])
             assert ran == now, f"{task}/{arm}: recorded overrides {list(overrides)} differ from the arm's"
 
 
@@ -101,7 +101,7 @@ def test_lr_sweep_pairs_at_the_same_lr_and_names_each_arm_at_its_best():
     runs = _runs((
         ("full", 0, 0.85), ("full", 1, 0.87), ("full@lr2e-4", 0, 0.84), ("full@lr2e-4", 1, 0.86),
         ("slimfit", 0, 0.83), ("slimfit", 1, 0.85), ("slimfit@lr2e-4", 0, 0.86),
-        ("slimfit@lr2e-4@topk", 0, 0.10)))  # another setting besides the lr: not in the sweep
+        ("slimfit-lrscale1@lr3e-4@fp32-linear", 0, 0.10)))  # not a family's lr variant: not in the sweep
     table = fidelity.lr_sweep(runs)
     assert "| 1e-4 (default) | 86.00 ± 1.41 (n=2) | 84.00 ± 1.41 (n=2) | -2.00 ± 0.00 (n=2) |" in table
     assert "| 2e-4 | 85.00 ± 1.41 (n=2) | 86.00 ± 0.00 (n=1) | +2.00 ± 0.00 (n=1) |" in table

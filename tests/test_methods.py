@@ -1,4 +1,4 @@
-"""Fine-tuning methods (experiments/methods.py, configs/method/): LoRA trains only
+"""Fine-tuning runs (experiments/runs.py, experiments/peers.py, configs/method/): LoRA trains only
 its adapters and the head, checkpointing gives the gradients of no
 checkpointing (with and without SlimFit freezing), 8-bit Adam trains, what does
 not compose is refused, every method config composes and runs one step, the
@@ -19,14 +19,17 @@ from slimfit import ActivationCompressor, CompressionConfig
 from slimfit import SlimFitConfig
 from slimfit import SelectionError
 from slimfit.experiments import report
-from slimfit.experiments.methods import (METHODS, LoraSpec, Method, MethodError, get_method,
-                                         head_modules, lora_targets, set_checkpointing)
+from slimfit.experiments.peers import (LoraSpec, RunError, head_modules, lora_targets,
+                                       set_checkpointing)
+from slimfit.experiments.runs import RUNS, Run, get_run
+from slimfit.experiments.train import CONFIG_DIR as _CONFIGS
 from slimfit.experiments.train import CONFIG_DIR, build, run
 from slimfit import SessionConfig, SlimFitSession
 from slimfit import StreamConfig
 
 TRANSFORMER_CASES = [c for c in CASES if c[0] != "plain"]
-METHOD_NAMES = sorted(METHODS)
+#: the Hydra method files (configs/method/<name>.yaml), each a registry run
+METHOD_NAMES = sorted(p.stem for p in __import__("pathlib").Path(_CONFIGS, "method").glob("*.yaml"))
 
 
 @pytest.fixture
@@ -64,7 +67,7 @@ def test_lora_trains_only_adapters_and_head(name):
     assert len({n.split(".lora_A.")[0] for n in trainable if ".lora_A." in n}) == \
         len(targets) >= 2 * 2
     before = {n: p.detach().clone() for n, p in peft_model.named_parameters()}
-    opt = Method(name="lora", lora=LoraSpec()).make_optimizer(
+    opt = Run(name="lora", lora=LoraSpec()).make_optimizer(
         [p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(2):  # lora_B starts at zero: lora_A gets its first gradient at step 2
         opt.zero_grad(set_to_none=True)
@@ -133,7 +136,7 @@ def test_lora_with_checkpointing_gives_the_same_gradients():
     grads = []
     for ckpt in (False, True):
         model, batch = _case("hf-bert")
-        grads.append(_grads(Method(name="m", lora=LoraSpec(), checkpointing=ckpt).apply(model),
+        grads.append(_grads(Run(name="m", lora=LoraSpec(), checkpointing=ckpt).apply(model),
                             "hf-bert", batch))
     torch.testing.assert_close(grads[1], grads[0])
 
@@ -148,7 +151,7 @@ def test_adamw8bit_trains_like_adamw_with_8bit_state():
             vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
             intermediate_size=128, max_position_embeddings=64, hidden_dropout_prob=0.0,
             attention_probs_dropout_prob=0.0))
-        opt = get_method(name).make_optimizer(model.parameters(), lr=1e-3)
+        opt = get_run(name).make_optimizer(model.parameters(), lr=1e-3)
         curves[name] = []
         for _ in range(10):
             opt.zero_grad(set_to_none=True)
@@ -208,22 +211,22 @@ def test_compression_finds_the_attention_of_a_lora_model():
       "session": SessionConfig(freezing=SlimFitConfig(), stream=StreamConfig())}, "streaming"),
 ])
 def test_bad_methods_are_refused(kwargs, match):
-    with pytest.raises(MethodError, match=match):
-        Method(**kwargs)
+    with pytest.raises(RunError, match=match):
+        Run(**kwargs)
 
 
 def test_unknown_method_and_unmatched_lora_targets():
-    with pytest.raises(MethodError, match="choose one of full, full_8bit"):
-        get_method("qlora")
+    with pytest.raises(RunError, match="unknown run 'qlora'; choose one of full, "):
+        get_run("qlora")
     model, _ = _case("hf-bert")
     with pytest.raises(SelectionError, match="matched no module"):
         LoraSpec(targets=["no_such_linear"]).apply(model)
-    with pytest.raises(MethodError, match="no module that supports activation checkpointing"):
+    with pytest.raises(RunError, match="no module that supports activation checkpointing"):
         set_checkpointing(torch.nn.Linear(2, 2))
 
 
 def test_labels():
-    assert [METHODS[n].label() for n in ("full", "full_8bit", "lora_checkpointing", "slimfit",
+    assert [RUNS[n].label() for n in ("full", "full_8bit", "lora_checkpointing", "slimfit",
                                          "slimfit_checkpointing", "lora_compress")] == [
         "full fine-tuning", "full fine-tuning, AdamW8bit", "LoRA r=8 + checkpointing",
         "SlimFit r=0.9 + compression", "SlimFit r=0.9 + checkpointing", "LoRA r=8 + compression"]
@@ -235,8 +238,11 @@ def test_labels():
 def test_method_config_agrees_with_the_benchmark_method(hydra_ctx, name, tmp_path):
     cfg = compose("train", overrides=[f"method={name}", f"output_dir={tmp_path}"])
     built = instantiate(cfg.method)
-    expected = METHODS[name]
-    assert built == dataclasses.replace(expected, session=None)
+    expected = RUNS[name]
+    # the method file holds the peers and optimizer; the peak lr is the task's (a method
+    # file may set it, as LoRA's does), SlimFit's options the slimfit group's
+    assert built == dataclasses.replace(expected, session=None, lr=None)
+    assert cfg.task.lr == (expected.lr if expected.lr is not None else 1e-4)
     sf = cfg.slimfit
     session = expected.session
     if session is None:
@@ -257,9 +263,17 @@ def test_every_method_runs_one_step(hydra_ctx, name, tmp_path):
     res = run(cfg)
     assert res["steps"] == 1 and res["val_acc"] is not None and res["memory"]["total"] > 0
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["method"] == name and saved["method_label"] == METHODS[name].label()
-    assert saved["checkpointing"] == METHODS[name].checkpointing
-    assert saved["optimizer"] == METHODS[name].optimizer
+    expected = RUNS[name]
+    # what ran, from the run's own record: freezing rate, compression, peers, optimizer
+    ran_rate = saved["freeze_rate"] if saved["freezing"] is not None else None
+    want = expected.session
+    assert ran_rate == (None if want is None else want.freezing.freeze_rate if want.freezing
+                        else 0.0)
+    assert saved["compression"] == (want is not None and want.compression is not None)
+    assert saved["lora_r"] == (expected.lora.r if expected.lora else None)
+    assert saved["checkpointing"] == expected.checkpointing
+    assert saved["optimizer"] == expected.optimizer
+    assert saved["method"] == name and saved["method_label"] == expected.label()
 
 
 def test_lora_checkpointing_on_a_timm_vit_runs_one_step(hydra_ctx, tmp_path):
@@ -281,9 +295,9 @@ def test_existing_slimfit_option_still_names_the_run(hydra_ctx, tmp_path):
 def test_checkpointing_with_a_budget_is_refused(hydra_ctx, tmp_path):
     base = ["method=checkpointing", "model=bert_tiny", f"output_dir={tmp_path}"]
     build(compose("train", overrides=base + ["slimfit=r090_compress"]))  # composes (tested above)
-    with pytest.raises(MethodError, match="memory_budget"):
+    with pytest.raises(RunError, match="memory_budget"):
         build(compose("train", overrides=base + ["slimfit=budget"]))
-    with pytest.raises(MethodError, match="conflicts"):
+    with pytest.raises(RunError, match="conflicts"):
         build(compose("train", overrides=["method=full_8bit", "task.optimizer=sgd",
                                           "model=bert_tiny", f"output_dir={tmp_path}"]))
 
@@ -295,7 +309,7 @@ def test_method_group_without_target_or_of_another_type(hydra_ctx, tmp_path):
         build(cfg)
     cfg = compose("train", overrides=["method=full", "model=bert_tiny", f"output_dir={tmp_path}",
                                       "method._target_=builtins.dict"])
-    with pytest.raises(ValueError, match="must build a slimfit.experiments.methods.Method"):
+    with pytest.raises(ValueError, match="must build a slimfit.experiments.runs.Run"):
         build(cfg)
 
 

@@ -48,7 +48,7 @@ def main(argv=None) -> None:
             if task not in TASKS or arm not in ARMS or not seed.isdigit():
                 raise SystemExit(f"--only: unknown run id {run_id!r}; expected task/arm/seedN with "
                                  f"task in {sorted(TASKS)} and arm in {sorted(ARMS)}")
-            pending.append((run_id, task, arm, int(seed), ARMS[arm]))
+            pending.append((run_id, task, arm, int(seed), ARMS[arm].overrides))
     pending = [r for r in pending if r[0] not in done]
     for run_id, *_ in pending if args.list else ():
         print(run_id)

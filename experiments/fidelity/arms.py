@@ -19,8 +19,12 @@ freezing ablations carry ``@topk``, and the ``slimfit-reserve0.25`` runs are
 
 from __future__ import annotations
 
-__all__ = ["ABLATIONS", "ARMS", "GROUPS", "SEEDS", "SHARED_SETTINGS", "STUDY_TASKS", "TASKS",
-           "reference", "setting"]
+import dataclasses
+
+from slimfit.experiments.runs import RUNS, Run
+
+__all__ = ["ABLATIONS", "ARMS", "GROUPS", "SEEDS", "SHARED_SETTINGS", "STUDY_TASKS", "TASKS", "Arm",
+           "lr_name", "reference", "setting"]
 
 TASKS = {"movie": "fidelity_movie", "sms": "fidelity_sms", "bbc": "fidelity_bbc",
          "trec": "fidelity_trec"}
@@ -29,53 +33,33 @@ TASKS = {"movie": "fidelity_movie", "sms": "fidelity_sms", "bbc": "fidelity_bbc"
 STUDY_TASKS = ("movie", "sms", "bbc")
 SEEDS = (0, 1, 2)
 
-#: arm name -> overrides shared by every task of that arm
-ARMS: dict[str, list[str]] = {
-    "full": ["slimfit=full"],
-    # SlimFit r=0.9 + compression at the project's defaults (int8 Linear inputs
-    # since the study measured them; the runs before are "slimfit-fp32-linear")
-    "slimfit": ["slimfit=r090_compress"],
-    # ablations, each one change from "slimfit"
-    "slimfit-head-candidate": ["slimfit=r090_compress", "+slimfit.train_new_heads=false"],
-    # the paper's choices: head a candidate, step scale 1, eager attention
-    "slimfit-paper-eager": ["slimfit=r090_compress", "+slimfit.train_new_heads=false",
-                            "+slimfit.trained_lr_scale=1.0", "model.attn_implementation=eager",
-                            "slimfit.compression.linear_input=none"],
-    "slimfit-nocompress": ["slimfit=r090"],
-    # compression alone, nothing frozen (every Linear trained, so every Linear input
-    # int8): the planner's first lossy plan
-    "compress-only": ["slimfit=r090_compress", "slimfit.freeze_rate=0.0"],
-    # trained Linears' inputs kept as they are (the default until the study showed int8
-    # costs no accuracy; its runs until then were the "slimfit" arm)
-    "slimfit-fp32-linear": ["slimfit=r090_compress", "slimfit.compression.linear_input=none"],
-    # a peer at the same budget: PEFT LoRA r=8 (its method file sets lr 1e-3, its best in the
-    # lr sweep; the runs at the usual 5e-4 are "lora@lr5e-4")
-    "lora": ["slimfit=full", "method=lora"],
-    # a peer: full fine-tuning with bitsandbytes AdamW8bit (block-quantized state)
-    "full-8bit": ["slimfit=full", "method=full_8bit"],
-    # the paper's step size for trained units (the default before trained_lr_scale="auto")
-    "slimfit-lrscale1": ["slimfit=r090_compress", "+slimfit.trained_lr_scale=1.0"],
-    "slimfit-update_norm": ["slimfit=r090_compress", "+slimfit.score=update_norm"],
-    "slimfit-grad_norm": ["slimfit=r090_compress", "+slimfit.score=grad_norm"],
-    "slimfit-decay0.99": ["slimfit=r090_compress", "+slimfit.frozen_score_decay=0.99"],
-    "slimfit-age20": ["slimfit=r090_compress", "slimfit.max_frozen_age=20"],
-    "slimfit-sample": ["slimfit=r090_compress", "+slimfit.selection=sample"],
-    # every trained slot by score (the paper's top-k; the default until the study)
-    "slimfit-topk": ["slimfit=r090_compress", "+slimfit.reserve_fraction=0.0"],
-}
-for _lr in ("5e-5", "2e-4", "3e-4"):
-    ARMS[f"full@lr{_lr}"] = ["slimfit=full", f"task.lr={_lr}"]
-    ARMS[f"slimfit@lr{_lr}"] = ["slimfit=r090_compress", f"task.lr={_lr}"]
-    ARMS[f"slimfit-lrscale1@lr{_lr}"] = [*ARMS["slimfit-lrscale1"], f"task.lr={_lr}"]
-# LoRA's own sweep (the plain "lora" arm at its method file's 1e-3): a peer judged at a
-# rate that handicaps it would flatter SlimFit
-for _lr in ("2e-4", "5e-4", "2e-3"):
-    ARMS[f"lora@lr{_lr}"] = [*ARMS["lora"], f"task.lr={_lr}"]
-# ablations first run before int8 Linear inputs became the default, kept apart
-for _arm in ("slimfit-lrscale1", "slimfit-lrscale1@lr3e-4"):
-    ARMS[f"{_arm}@fp32-linear"] = [*ARMS[_arm], "slimfit.compression.linear_input=none"]
-for _r in ("0.5", "0.8", "0.95"):
-    ARMS[f"slimfit-r{_r}"] = ["slimfit=r090_compress", f"slimfit.freeze_rate={_r}"]
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """One arm of the study: a registry run (:class:`slimfit.experiments.runs.Run`,
+    or a variant of one) under a training setting.
+
+    Attributes:
+        run: what trains (SlimFit's options, peers, optimizer, lr rule).
+        setting: a :data:`SHARED_SETTINGS` name ("" for the task's): a training
+            length or schedule the arm shares with the full fine-tuning run it
+            is paired with.
+        lr: the study's peak lr for this arm (``None``: the run's own rule).
+        family: for the learning-rate sweep, the arm this one is at another
+            peak lr of (``None``: not in the sweep).
+    """
+
+    run: Run
+    setting: str = ""
+    lr: float | None = None
+    family: str | None = None
+
+    @property
+    def overrides(self) -> list[str]:
+        """Hydra overrides of ``slimfit.experiments.train`` that run this arm."""
+        run = self.run if self.lr is None else dataclasses.replace(self.run, lr=self.lr)
+        return [*run.overrides(), *SHARED_SETTINGS.get(self.setting, [])]
+
+
 #: training settings both arms run under, each a ``full-<name>`` and a
 #: ``slimfit-<name>`` arm: SlimFit's run under one is paired with full
 #: fine-tuning's under the same (:func:`reference`), so the gap is SlimFit's own.
@@ -85,14 +69,70 @@ SHARED_SETTINGS = {"0.2ep": ["trainer.max_epochs=1", "+trainer.limit_train_batch
                    "1ep": ["trainer.max_epochs=1"],
                    # the reference code's schedule: linear decay from the peak, no warm-up
                    "nowarmup": ["task.warmup_fraction=0.0"]}
-for _name, _setting in SHARED_SETTINGS.items():
-    ARMS[f"full-{_name}"] = ["slimfit=full", *_setting]
-    ARMS[f"slimfit-{_name}"] = ["slimfit=r090_compress", *_setting]
+
+def lr_name(lr: float) -> str:
+    """A peak lr as the arms spell it: ``2e-4``."""
+    return f"{lr:.0e}".replace("e-0", "e-")
+
+
+_SLIMFIT = RUNS["slimfit"]  # r=0.9 + compression at the project's defaults
+#: arm name -> arm; ablations are one change from "slimfit" (the registry's run)
+ARMS: dict[str, Arm] = {
+    "full": Arm(RUNS["full"]),
+    # SlimFit r=0.9 + compression at the project's defaults (int8 Linear inputs
+    # since the study measured them; the runs before are "slimfit-fp32-linear")
+    "slimfit": Arm(_SLIMFIT),
+    "slimfit-head-candidate": Arm(_SLIMFIT.variant("slimfit-head-candidate", train_new_heads=False)),
+    # the paper's choices: head a candidate, step scale 1, eager attention
+    "slimfit-paper-eager": Arm(_SLIMFIT.variant(
+        "slimfit-paper-eager", train_new_heads=False, trained_lr_scale=1.0, attention="eager",
+        linear_input="none")),
+    "slimfit-nocompress": Arm(RUNS["slimfit_nocompress"]),
+    # compression alone, nothing frozen (every Linear trained, so every Linear input
+    # int8): the planner's first lossy plan
+    "compress-only": Arm(_SLIMFIT.variant("compress-only", freeze_rate=0.0)),
+    # trained Linears' inputs kept as they are (the default until the study showed int8
+    # costs no accuracy; its runs until then were the "slimfit" arm)
+    "slimfit-fp32-linear": Arm(_SLIMFIT.variant("slimfit-fp32-linear", linear_input="none")),
+    # a peer at the same budget: PEFT LoRA r=8 (the registry's lr 1e-3, its best in the lr
+    # sweep; the runs at the usual 5e-4 are "lora@lr5e-4")
+    "lora": Arm(RUNS["lora"]),
+    # a peer: full fine-tuning with bitsandbytes AdamW8bit (block-quantized state)
+    "full-8bit": Arm(RUNS["full_8bit"]),
+    # the paper's step size for trained units (the default before trained_lr_scale="auto")
+    "slimfit-lrscale1": Arm(_SLIMFIT.variant("slimfit-lrscale1", trained_lr_scale=1.0)),
+    "slimfit-update_norm": Arm(_SLIMFIT.variant("slimfit-update_norm", score="update_norm")),
+    "slimfit-grad_norm": Arm(_SLIMFIT.variant("slimfit-grad_norm", score="grad_norm")),
+    "slimfit-decay0.99": Arm(_SLIMFIT.variant("slimfit-decay0.99", frozen_score_decay=0.99)),
+    "slimfit-age20": Arm(_SLIMFIT.variant("slimfit-age20", max_frozen_age=20)),
+    "slimfit-sample": Arm(_SLIMFIT.variant("slimfit-sample", selection="sample")),
+    # every trained slot by score (the paper's top-k; the default until the study)
+    "slimfit-topk": Arm(_SLIMFIT.variant("slimfit-topk", reserve_fraction=0.0)),
+}
+for _lr in (5e-5, 2e-4, 3e-4):
+    for _fam in ("full", "slimfit", "slimfit-lrscale1"):
+        ARMS[f"{_fam}@lr{lr_name(_lr)}"] = Arm(ARMS[_fam].run, lr=_lr, family=_fam)
+# LoRA's own sweep (the plain "lora" arm at its registry lr, 1e-3): a peer judged at a
+# rate that handicaps it would flatter SlimFit
+for _lr in (2e-4, 5e-4, 2e-3):
+    ARMS[f"lora@lr{lr_name(_lr)}"] = Arm(ARMS["lora"].run, lr=_lr, family="lora")
+# ablations first run before int8 Linear inputs became the default, kept apart
+for _arm in ("slimfit-lrscale1", "slimfit-lrscale1@lr3e-4"):
+    _a = ARMS[_arm]
+    ARMS[f"{_arm}@fp32-linear"] = Arm(_a.run.variant(f"{_a.run.name}@fp32-linear",
+                                                     linear_input="none"), lr=_a.lr)
+for _r in (0.5, 0.8, 0.95):
+    ARMS[f"slimfit-r{_r}"] = Arm(_SLIMFIT.variant(f"slimfit-r{_r}", freeze_rate=_r))
+for _name in SHARED_SETTINGS:
+    ARMS[f"full-{_name}"] = Arm(RUNS["full"], setting=_name)
+    ARMS[f"slimfit-{_name}"] = Arm(_SLIMFIT, setting=_name)
 # freezing runs recorded before reserve_fraction=0.25 became the default, kept apart
 for _arm in ("slimfit-paper-eager", "slimfit-lrscale1@fp32-linear",
              "slimfit-lrscale1@lr3e-4@fp32-linear", "slimfit-fp32-linear", "slimfit-nocompress",
              "slimfit-decay0.99", "slimfit-0.2ep"):
-    ARMS[f"{_arm}@topk"] = [*ARMS[_arm], "+slimfit.reserve_fraction=0.0"]
+    _a = ARMS[_arm]
+    ARMS[f"{_arm}@topk"] = dataclasses.replace(
+        _a, run=_a.run.variant(f"{_a.run.name}@topk", reserve_fraction=0.0), family=None)
 
 ABLATIONS = ("slimfit-head-candidate", "slimfit-nocompress", "slimfit-fp32-linear", "compress-only",
              "slimfit-lrscale1", "slimfit-update_norm", "slimfit-grad_norm",
@@ -116,16 +156,13 @@ GROUPS = {
 
 
 def setting(arm: str) -> str:
-    """The training setting ``arm`` runs under, from its name: a peak lr
-    (``"lr2e-4"`` for ``slimfit@lr2e-4@topk``), a :data:`SHARED_SETTINGS` name
-    (``"0.2ep"`` for ``slimfit-0.2ep@topk``, ``"nowarmup"``), or ``""`` for the
-    default setting (``slimfit-r0.8``, ``lora``)."""
-    base, _, rest = arm.partition("@")
-    lr = rest.split("@", 1)[0]
-    if lr.startswith("lr"):
-        return lr
-    name = base.rsplit("-", 1)[1] if "-" in base else ""
-    return name if name in SHARED_SETTINGS else ""
+    """The training setting ``arm`` runs under: its study peak lr (``"lr2e-4"``
+    for ``slimfit@lr2e-4``, and for ``slimfit-lrscale1@lr3e-4@fp32-linear@topk``),
+    its :data:`SHARED_SETTINGS` name (``"0.2ep"`` for ``slimfit-0.2ep@topk``,
+    ``"nowarmup"``), or ``""`` for the default setting (``slimfit-r0.8``,
+    ``lora`` at its own lr)."""
+    a = ARMS[arm]
+    return f"lr{lr_name(a.lr)}" if a.lr is not None else a.setting
 
 
 def reference(arm: str) -> str:

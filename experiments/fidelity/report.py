@@ -9,7 +9,7 @@ from __future__ import annotations
 import pathlib
 import statistics
 
-from slimfit.experiments.fidelity.arms import ARMS, TASKS, reference, setting
+from slimfit.experiments.fidelity.arms import ARMS, TASKS, lr_name, reference, setting
 
 __all__ = ["frontier_runs", "lr_sweep", "plot", "report", "summary"]
 
@@ -53,7 +53,7 @@ def _default_lr(task: str, arm: str = "full") -> float:
     from slimfit.experiments.train import CONFIG_DIR
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={TASKS[task]}", "output_dir=/tmp/unused",
-                                          *ARMS[arm]])
+                                          *ARMS[arm].overrides])
     return float(cfg.task.lr)
 
 
@@ -64,10 +64,13 @@ def lr_sweep(runs: list[dict], task: str = "movie") -> str:
     paired gap to full fine-tuning at the same lr and seed, and each family at
     its own best lr, so that no arm is judged at a rate that handicaps it.
     Empty when no ``@lr`` arm of ``task`` has run."""
-    # (family, "2e-4" or "" for the default lr, run); another setting after the lr: not the sweep's
-    runs = [(fam, lr, r) for r in runs if r["task"] == task
-            for fam, _, lr in [r["arm"].partition("@lr")] if "@" not in lr]
-    swept = {fam for fam, lr, _ in runs if lr}
+    # (family, its study lr or None for its own, run): an arm at another peak lr of a family
+    # (Arm.family), or a plain arm (no study lr) as its own family at its own lr
+    arms = {r["arm"]: ARMS[r["arm"]] for r in runs if r["task"] == task}
+    runs = [(a.family, a.lr, r) if a.family is not None else (r["arm"], None, r)
+            for r in runs if r["task"] == task for a in [arms[r["arm"]]]
+            if a.family is not None or a.lr is None]
+    swept = {fam for fam, lr, _ in runs if lr is not None}
     if not swept:
         return ""
     # each family's plain arm ran at its own default (the task's; LoRA's method sets its own)
@@ -75,14 +78,13 @@ def lr_sweep(runs: list[dict], task: str = "movie") -> str:
     acc: dict[tuple[str, float], dict[int, float]] = {}  # (family, lr) -> seed -> accuracy %
     for fam, lr, r in runs:
         if fam in defaults:
-            acc.setdefault((fam, float(lr) if lr else defaults[fam]), {})[r["seed"]] = 100 * r["val_acc"]
+            acc.setdefault((fam, lr if lr is not None else defaults[fam]), {})[r["seed"]] = \
+                100 * r["val_acc"]
     families = sorted({fam for fam, _ in acc}, key=lambda f: (f != "full", f))
     others = [f for f in families if f != "full"]
     lrs = sorted({lr for _, lr in acc})
 
-    def name(lr: float) -> str:  # 1e-4, as the arms spell it
-        return f"{lr:.0e}".replace("e-0", "e-")
-
+    name = lr_name
     def gap(a: dict[int, float], b: dict[int, float]) -> str:
         return summary([a[s] - b[s] for s in sorted(a) if s in b], "+")
 

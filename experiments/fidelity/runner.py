@@ -44,7 +44,7 @@ def queue(groups: list[str]) -> list[tuple[str, str, str, int, list[str]]]:
                     run_id = f"{task}/{arm}/seed{seed}"
                     if run_id not in seen:
                         seen.add(run_id)
-                        out.append((run_id, task, arm, seed, ARMS[arm]))
+                        out.append((run_id, task, arm, seed, ARMS[arm].overrides))
     return out
 
 

@@ -339,8 +339,9 @@ def preview(model: nn.Module, config: SlimFitConfig | None = None,
 
     Returns:
         ``{"units": [rotating unit names], "matched": [their parameter names],
-        "heads": [new-head parameters, always trained], "unmatched": [every
-        other parameter: biases, excluded, frozen by the user]}``.
+        "heads": [new-head weights taken out of the rotation: always trained],
+        "unmatched": [every other parameter: biases (the head's too, always
+        trained), excluded, frozen by the user]}``.
 
     Raises:
         SlimFitError: as :class:`LayerFreezer` (a pattern matching nothing, no
@@ -350,7 +351,7 @@ def preview(model: nn.Module, config: SlimFitConfig | None = None,
         >>> m = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4), nn.Linear(4, 2))
         >>> p = preview(m)
         >>> p["units"], p["heads"]
-        (['0.weight', '1.weight'], ['2.weight', '2.bias'])
+        (['0.weight', '1.weight'], ['2.weight'])
     """
     freezer = LayerFreezer(model, config, **options)
     matched = [n for u in freezer.units for n in u.param_names]
