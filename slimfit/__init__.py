@@ -21,7 +21,8 @@ from slimfit.offload import (ActivationOffloader, OptimizerStateOffloader, Strea
                              WeightStreamer)
 from slimfit.parts import Part
 from slimfit.planning import BudgetError, Plan, parse_budget, plan_for_budget
-from slimfit.session import SessionConfig, SlimFitSession
+from slimfit.session import SlimFitSession
+from slimfit.session_config import SessionConfig
 
 __version__ = "0.2.0"
 

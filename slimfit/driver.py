@@ -37,7 +37,8 @@ from slimfit.errors import ShortBudgetWarning, SlimFitError
 from slimfit.freezing.config import SlimFitConfig
 from slimfit.offload.stream_config import StreamConfig
 from slimfit.planning.planner import Plan, optimizer_like, parse_budget, plan_for_budget
-from slimfit.session import SessionConfig, SlimFitSession
+from slimfit.session import SlimFitSession
+from slimfit.session_config import SessionConfig
 
 __all__ = ["SessionDriver"]
 

@@ -30,9 +30,7 @@ from the :class:`slimfit.parts.Step` it is handed.
 
 from __future__ import annotations
 
-import dataclasses
 import pathlib
-import warnings
 import weakref
 from typing import Any, Callable, Sequence
 
@@ -40,19 +38,17 @@ import torch
 from torch import nn
 
 from slimfit.compression.compressor import ActivationCompressor
-from slimfit.compression.config import CompressionConfig
 from slimfit.compression.frozen_conv import FrozenConvRouter
 from slimfit.distributed import agree
-from slimfit.errors import CheckpointMismatchError, OptionTypeError, SlimFitError
-from slimfit.freezing.config import SlimFitConfig
+from slimfit.errors import CheckpointMismatchError, SlimFitError
 from slimfit.freezing.freezer import LayerFreezer
 from slimfit.offload.activations import ActivationOffloader
 from slimfit.offload.optimizer_state import OptimizerStateOffloader
-from slimfit.offload.stream_config import StreamConfig
 from slimfit.offload.streaming import WeightStreamer
 from slimfit.parts import Context, MemoryAdjustment, Part, Step
+from slimfit.session_config import SessionConfig
 
-__all__ = ["PARTS", "SessionConfig", "SlimFitSession"]
+__all__ = ["PARTS", "SlimFitSession"]
 
 #: The parts a session may run, in step order (opening moments in this order,
 #: closing moments in reverse: ``slimfit.parts``). Each builds itself from a
@@ -63,104 +59,6 @@ PARTS: tuple[type[Part], ...] = (LayerFreezer, ActivationCompressor, FrozenConvR
 
 #: checkpoint format of :meth:`SlimFitSession.state_dict` (1: the freezer's state alone)
 STATE_VERSION = 2
-
-
-def _option(name: str, value: Any, cls: type) -> Any:
-    """``True``: the defaults of ``cls``; ``False``/``None``: off; else an instance of ``cls``."""
-    if value is True:
-        return cls()
-    if value is False or value is None:
-        return None
-    if not isinstance(value, cls):
-        raise OptionTypeError(f"{name} must be True, False, None or a {cls.__name__}, got {value!r}.")
-    return value
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class SessionConfig:
-    """What a session runs; every part is optional.
-
-    Attributes:
-        freezing: per-iteration freezing (``None``: every tensor trained
-            every step, as in full fine-tuning).
-        compression: compress static saved activations (``None``: off).
-        offload_optimizer_state: optimizer state of frozen units in host
-            memory (needs ``freezing``).
-        offload_activations: saved activations in host memory between the
-            forward and the optimizer step (CUDA; nothing to move on a CPU).
-        stream: stream the weights of frozen tensors (``None``: off; needs
-            ``freezing`` to have frozen tensors to stream, one process).
-    """
-
-    freezing: SlimFitConfig | None = None
-    compression: CompressionConfig | None = None
-    offload_optimizer_state: bool = False
-    offload_activations: bool = False
-    stream: StreamConfig | None = None
-
-    def __post_init__(self):
-        for name, cls in (("freezing", SlimFitConfig), ("compression", CompressionConfig),
-                          ("stream", StreamConfig)):
-            v = getattr(self, name)
-            if v is not None and not isinstance(v, cls):
-                raise OptionTypeError(f"SessionConfig.{name} must be a {cls.__name__} or None, "
-                                      f"got {v!r}.")
-        for name in ("offload_optimizer_state", "offload_activations"):
-            if not isinstance(getattr(self, name), bool):
-                raise OptionTypeError(f"SessionConfig.{name} must be a bool, got "
-                                      f"{getattr(self, name)!r}.")
-        if self.offload_optimizer_state and self.freezing is None:
-            raise SlimFitError("offload_optimizer_state=True moves the optimizer state of frozen "
-                               "units: it needs freezing (a SlimFitConfig); without freezing no "
-                               "unit is ever frozen.")
-
-    @classmethod
-    def from_options(cls, *, config: SlimFitConfig | None = None,
-                     compression: CompressionConfig | bool | None = None,
-                     offload_optimizer_state: bool = False, offload_activations: bool = False,
-                     stream_weights: StreamConfig | bool | None = None,
-                     **freezing: Any) -> "SessionConfig":
-        """The user-facing options of ``SlimFit(...)``: ``compression`` and
-        ``stream_weights`` take ``True`` (defaults), ``False``/``None`` (off) or
-        their config; ``freezing`` holds :class:`SlimFitConfig` fields, or pass
-        ``config``.
-
-        Raises:
-            SlimFitError: both ``config`` and freezing keywords, or a bad value.
-            TypeError: an unknown option (the message lists the known ones).
-        """
-        if config is not None and freezing:
-            raise SlimFitError(f"pass either config=SlimFitConfig(...) or freezing options "
-                               f"{sorted(freezing)}, not both.")
-        if config is None:
-            known = set(SlimFitConfig.__dataclass_fields__)
-            unknown = sorted(set(freezing) - known)
-            if unknown:
-                raise TypeError(f"unknown SlimFit option(s) {unknown}; freezing options are the "
-                                f"fields of SlimFitConfig: {sorted(known)}.")
-            config = SlimFitConfig(**freezing)
-        out = cls(freezing=config, compression=_option("compression", compression, CompressionConfig),
-                  offload_optimizer_state=offload_optimizer_state,
-                  offload_activations=offload_activations,
-                  stream=_option("stream_weights", stream_weights, StreamConfig))
-        if (out.offload_optimizer_state or out.offload_activations or out.stream) \
-                and not torch.cuda.is_available():
-            warnings.warn("SlimFit offload requested but no CUDA device is available: host and "
-                          "device memory are the same here, so offloading saves nothing (the "
-                          "bookkeeping still runs).", UserWarning, stacklevel=3)
-        return out
-
-    def label(self) -> str:
-        """The one name of a configuration, e.g. ``SlimFit r=0.9 + compression``
-        (benchmarks, studies and the planner all print it)."""
-        f = self.freezing
-        parts = ["full fine-tuning" if f is None or f.freeze_rate == 0
-                 else f"SlimFit r={f.freeze_rate:.3g}"]
-        parts += [n for n, on in (("optimizer-state offload", self.offload_optimizer_state),
-                                  ("compression", self.compression is not None),
-                                  ("weight streaming", self.stream is not None),
-                                  ("activation offload", self.offload_activations)) if on]
-        return " + ".join(parts)
 
 
 #: model -> the session started on it (SlimFitSession.of)

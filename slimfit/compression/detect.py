@@ -18,7 +18,7 @@ from torch import nn
 
 from slimfit.selection import iter_modules
 
-__all__ = ["KINDS", "attention_is_fused", "attention_kernel", "detect_kinds", "down_projections",
+__all__ = ["KINDS", "attention_kernel", "detect_kinds", "down_projections",
            "is_attention", "is_gelu"]
 
 #: Activation kinds, in the order they are reported.
@@ -52,12 +52,6 @@ def attention_kernel(mod: nn.Module) -> str:
     if impl is None or impl == "eager":
         return "eager"
     return "sdpa" if "sdpa" in str(impl) else str(impl)
-
-
-def attention_is_fused(mod: nn.Module) -> bool:
-    """An attention whose kernel never stores the probabilities (any kernel
-    but eager)."""
-    return attention_kernel(mod) != "eager"
 
 
 def is_gelu(mod: nn.Module) -> bool:

@@ -25,7 +25,6 @@ scheduler), with one warning per freezer or a :class:`NonFiniteError`.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import pathlib
 import statistics
@@ -36,14 +35,14 @@ import torch
 from torch import nn
 
 from slimfit.freezing.config import SlimFitConfig
-from slimfit.errors import CheckpointMismatchError, NonFiniteError, SelectionError, SlimFitError
-from slimfit.freezing.heads import HeadReport, detect_new_heads
+from slimfit.errors import CheckpointMismatchError, NonFiniteError, SlimFitError
+from slimfit.freezing.heads import HeadReport, without_new_heads
 from slimfit.freezing.history import FreezeHistory
 from slimfit.freezing.scheduler import InterLayerScheduler
 from slimfit.freezing.scores import WeightSnapshot
 from slimfit.parts import Context, Part, Step
 from slimfit.evidence import short_budget_note
-from slimfit.selection import Selection, iter_parameters, matches, select_units
+from slimfit.selection import Selection, iter_parameters, select_units
 
 __all__ = ["LayerFreezer", "preview"]
 
@@ -83,7 +82,7 @@ class LayerFreezer(Part):
         self.selection: Selection = select_units(model, **c.selection_kwargs())
         self.heads = HeadReport([], "off")
         if c.train_new_heads:
-            self.selection, self.heads = _without_new_heads(model, self.selection, c)
+            self.selection, self.heads = without_new_heads(model, self.selection, c.include)
         self.units = self.selection.units
         self.names = [u.name for u in self.units]
         self.scheduler = InterLayerScheduler(
@@ -374,28 +373,3 @@ def _loss_flag(loss: torch.Tensor | float | None) -> torch.Tensor | bool | None:
 def _rank_zero() -> bool:
     d = torch.distributed
     return not (d.is_available() and d.is_initialized()) or d.get_rank() == 0
-
-
-def _without_new_heads(model: nn.Module, sel: Selection, config: SlimFitConfig
-                       ) -> tuple[Selection, HeadReport]:
-    """Move the units holding a new head (:mod:`slimfit.freezing.heads`) from the
-    candidates to the always-trained parameters; a head the user's ``include``
-    names stays a candidate."""
-    found = detect_new_heads(model)
-    heads = {n for n in found.names
-             if config.include is None or not matches(n, config.include)}
-    moved = [u for u in sel.units if any(n in heads for n in u.param_names)]
-    if not moved:
-        return sel, HeadReport([], found.source)
-    moved_ids = {id(u) for u in moved}
-    kept = tuple(u for u in sel.units if id(u) not in moved_ids)
-    names = [n for u in moved for n in u.param_names]
-    if not kept:
-        raise SelectionError(
-            f"every candidate of {type(model).__name__} is a new head ({names[:4]}): nothing is "
-            "left to freeze. Pass train_new_heads=False to let SlimFit freeze them, or "
-            "include=... to choose other candidates.")
-    order = {n: i for i, (n, _, _) in enumerate(iter_parameters(model))}
-    merge = lambda old: tuple(sorted(set(old) | set(names), key=order.__getitem__))  # noqa: E731
-    return (dataclasses.replace(sel, units=kept, always_trained=merge(sel.always_trained),
-                                excluded=merge(sel.excluded)), HeadReport(names, found.source))

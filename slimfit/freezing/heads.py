@@ -34,13 +34,15 @@ How they are found, generically (no per-model code), first rule that applies:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 from torch import nn
 
-from slimfit.selection import iter_parameters
+from slimfit.errors import SelectionError
+from slimfit.selection import Pattern, Selection, iter_parameters, matches
 
-__all__ = ["HeadReport", "detect_new_heads", "new_head_parameters"]
+__all__ = ["HeadReport", "detect_new_heads", "new_head_parameters", "without_new_heads"]
 
 
 class HeadReport(NamedTuple):
@@ -126,3 +128,31 @@ def new_head_parameters(model: nn.Module) -> list[str]:
         ['1.weight', '1.bias']
     """
     return detect_new_heads(model).names
+
+
+def without_new_heads(model: nn.Module, sel: Selection, include: Pattern | None = None
+                      ) -> tuple[Selection, HeadReport]:
+    """``sel`` with the units holding a new head moved from the candidates to
+    the always-trained parameters, and which heads moved; a head the user's
+    ``include`` names stays a candidate.
+
+    Raises:
+        SelectionError: every candidate is a new head.
+    """
+    found = detect_new_heads(model)
+    heads = {n for n in found.names if include is None or not matches(n, include)}
+    moved = [u for u in sel.units if any(n in heads for n in u.param_names)]
+    if not moved:
+        return sel, HeadReport([], found.source)
+    moved_ids = {id(u) for u in moved}
+    kept = tuple(u for u in sel.units if id(u) not in moved_ids)
+    names = [n for u in moved for n in u.param_names]
+    if not kept:
+        raise SelectionError(
+            f"every candidate of {type(model).__name__} is a new head ({names[:4]}): nothing is "
+            "left to freeze. Pass train_new_heads=False to let SlimFit freeze them, or "
+            "include=... to choose other candidates.")
+    order = {n: i for i, (n, _, _) in enumerate(iter_parameters(model))}
+    merge = lambda old: tuple(sorted(set(old) | set(names), key=order.__getitem__))  # noqa: E731
+    return (dataclasses.replace(sel, units=kept, always_trained=merge(sel.always_trained),
+                                excluded=merge(sel.excluded)), HeadReport(names, found.source))

@@ -13,12 +13,11 @@ biases, a new head) stays resident, so the optimizer never sees a streamed
 weight. The freezer changes ``requires_grad`` every step and the streamer
 follows it with no extra call.
 
-Mechanism (the one FSDP uses for sharded weights): a streamed parameter keeps
-its tensor object, and its storage is resized to 0 bytes when evicted and back
-when fetched, then filled from its host master copy through ``.data`` (which
-does not bump autograd's version counter). Autograd's saved references to the
-weight (a Linear saves ``weight``, some ops a view of it) point at the same
-storage, so they see the refilled bytes. Saved-tensor hooks scoped to each unit
+Mechanism (the one FSDP uses for sharded weights; one tensor's eviction and
+refill are in ``slimfit.offload.streamed_tensor``): a streamed parameter keeps
+its tensor object and storage, resized to 0 bytes when evicted and refilled
+from a host master copy, so autograd's saved references to the weight see the
+refilled bytes. Saved-tensor hooks scoped to each unit
 replace a saved weight by a small reference; unpacking it in backward fetches
 the unit (if a prefetch has not already), which is the exact moment the weight
 is needed, whatever op saved it. Other saved tensors (compressed by SlimFit's
@@ -39,8 +38,7 @@ do so inside :meth:`WeightStreamer.gathered` (``state_dict`` and
 its host copy). On a machine without CUDA the copies are host-to-host and
 synchronous: the bookkeeping, residency limits and exactness are the same, the
 memory is not saved. The options, the choice of units and of the weights in
-them that can stream are in ``slimfit.offload.stream_config``; one tensor's eviction
-and refill in ``slimfit.offload.streamed_tensor``.
+them that can stream are in ``slimfit.offload.stream_config``.
 """
 
 from __future__ import annotations

@@ -25,7 +25,8 @@ from torch import nn
 
 from slimfit.freezing.freezer import LayerFreezer
 from slimfit.memory.report import MemoryReport
-from slimfit.session import SessionConfig, SlimFitSession
+from slimfit.session import SlimFitSession
+from slimfit.session_config import SessionConfig
 from slimfit.storage import storage_identity
 from slimfit.offload.streaming import WeightStreamer
 

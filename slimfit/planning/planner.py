@@ -49,7 +49,7 @@ from slimfit.freezing.freezer import LayerFreezer
 from slimfit.memory.report import format_bytes
 from slimfit.offload.stream_config import StreamConfig, default_stream_units
 from slimfit.planning.calibration import calibrate
-from slimfit.session import SessionConfig
+from slimfit.session_config import SessionConfig
 
 __all__ = ["BudgetError", "Plan", "optimizer_like", "parse_budget", "plan_for_budget"]
 
