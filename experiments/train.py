@@ -126,6 +126,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     trainer, task, datamodule, meta = build(cfg)
     trainer.fit(task, datamodule=datamodule)
     trainer.validate(task, datamodule=datamodule, verbose=False)
+    if cfg.data.get("n_test", 0):  # the test split, never used to choose a setting
+        trainer.test(task, datamodule=datamodule, verbose=False)
     mon = next((c for c in trainer.callbacks if isinstance(c, MemoryMonitor)), None)
     timer = next((c for c in trainer.callbacks if isinstance(c, StepTimer)), None)
     slimfit: SlimFit | None = meta["slimfit"]
@@ -150,6 +152,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "steps": int(trainer.global_step), "batch_size": int(cfg.data.batch_size),
         "train_size": len(datamodule.splits.train_y), "val_size": len(datamodule.splits.val_y),
         "val_acc": task.last_val_acc,
+        "test_acc": task.last_test_acc, "test_size": len(datamodule.splits.test_y),
         "step_time_s": timer.median if timer else None,
         "memory": ({k.split("/")[-1]: v for k, v in report.scalars().items()} if report else None),
         "memory_files": {k: str(v) for k, v in (mon.files.items() if mon else [])},

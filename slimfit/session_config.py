@@ -19,7 +19,10 @@ from slimfit.errors import OptionTypeError, SlimFitError
 from slimfit.freezing.config import SlimFitConfig
 from slimfit.offload.stream_config import StreamConfig
 
-__all__ = ["SessionConfig"]
+__all__ = ["OPTIMIZER_STATES", "SessionConfig"]
+
+#: where the optimizer state of frozen units lives (``SessionConfig.optimizer_state``)
+OPTIMIZER_STATES = ("device", "host", "release")
 
 
 def _option(name: str, value: Any, cls: type) -> Any:
@@ -41,8 +44,14 @@ class SessionConfig:
         freezing: per-iteration freezing (``None``: every tensor trained
             every step, as in full fine-tuning).
         compression: compress static saved activations (``None``: off).
-        offload_optimizer_state: optimizer state of frozen units in host
-            memory (needs ``freezing``).
+        optimizer_state: where the optimizer state of frozen units lives:
+            ``"device"`` (kept, as plain freezing leaves it), ``"host"``
+            (moved to host memory while frozen and prefetched back: exact) or
+            ``"release"`` (dropped when a unit freezes, re-initialised when it
+            trains again: BAdam's reset on switch; changes the updates). Needs
+            ``freezing`` unless ``"device"``.
+        offload_optimizer_state: ``True`` is ``optimizer_state="host"`` (the
+            two are kept in agreement).
         offload_activations: saved activations in host memory between the
             forward and the optimizer step (CUDA; nothing to move on a CPU).
         stream: stream the weights of frozen tensors (``None``: off; needs
@@ -54,6 +63,7 @@ class SessionConfig:
     offload_optimizer_state: bool = False
     offload_activations: bool = False
     stream: StreamConfig | None = None
+    optimizer_state: str = "device"
 
     def __post_init__(self):
         for name, cls in (("freezing", SlimFitConfig), ("compression", CompressionConfig),
@@ -66,17 +76,27 @@ class SessionConfig:
             if not isinstance(getattr(self, name), bool):
                 raise OptionTypeError(f"SessionConfig.{name} must be a bool, got "
                                       f"{getattr(self, name)!r}.")
-        if self.offload_optimizer_state and self.freezing is None:
-            raise SlimFitError("offload_optimizer_state=True moves the optimizer state of frozen "
-                               "units: it needs freezing (a SlimFitConfig); without freezing no "
-                               "unit is ever frozen.")
+        if self.optimizer_state not in OPTIMIZER_STATES:
+            raise SlimFitError(f"optimizer_state must be one of {', '.join(map(repr, OPTIMIZER_STATES))}"
+                               f", got {self.optimizer_state!r}.")
+        if self.offload_optimizer_state and self.optimizer_state == "release":
+            raise SlimFitError("offload_optimizer_state=True keeps frozen units' state in host "
+                               "memory, optimizer_state='release' drops it: choose one.")
+        if self.offload_optimizer_state or self.optimizer_state == "host":  # one setting, two names
+            object.__setattr__(self, "offload_optimizer_state", True)
+            object.__setattr__(self, "optimizer_state", "host")
+        if self.optimizer_state != "device" and self.freezing is None:
+            what = ("offload_optimizer_state=True (optimizer_state='host')" if self.offload_optimizer_state
+                    else f"optimizer_state={self.optimizer_state!r}")
+            raise SlimFitError(f"{what} acts on the optimizer state of frozen units: it needs "
+                               "freezing (a SlimFitConfig); without freezing no unit is ever frozen.")
 
     @classmethod
     def from_options(cls, *, config: SlimFitConfig | None = None,
                      compression: CompressionConfig | bool | None = None,
                      offload_optimizer_state: bool = False, offload_activations: bool = False,
                      stream_weights: StreamConfig | bool | None = None,
-                     **freezing: Any) -> "SessionConfig":
+                     optimizer_state: str = "device", **freezing: Any) -> "SessionConfig":
         """The user-facing options of ``SlimFit(...)``: ``compression`` and
         ``stream_weights`` take ``True`` (defaults), ``False``/``None`` (off) or
         their config; ``freezing`` holds :class:`SlimFitConfig` fields, or pass
@@ -98,7 +118,7 @@ class SessionConfig:
             config = SlimFitConfig(**freezing)
         out = cls(freezing=config, compression=_option("compression", compression, CompressionConfig),
                   offload_optimizer_state=offload_optimizer_state,
-                  offload_activations=offload_activations,
+                  offload_activations=offload_activations, optimizer_state=optimizer_state,
                   stream=_option("stream_weights", stream_weights, StreamConfig))
         if (out.offload_optimizer_state or out.offload_activations or out.stream) \
                 and not torch.cuda.is_available():
@@ -111,9 +131,11 @@ class SessionConfig:
         """The one name of a configuration, e.g. ``SlimFit r=0.9 + compression``
         (benchmarks, studies and the planner all print it)."""
         f = self.freezing
+        who = {"slimfit": "SlimFit", "lisa": "LISA", "badam": "BAdam"}[f.policy] if f else ""
         parts = ["full fine-tuning" if f is None or f.freeze_rate == 0
-                 else f"SlimFit r={f.freeze_rate:.3g}"]
+                 else f"{who} r={f.freeze_rate:.3g}"]
         parts += [n for n, on in (("optimizer-state offload", self.offload_optimizer_state),
+                                  ("optimizer state released", self.optimizer_state == "release"),
                                   ("compression", self.compression is not None),
                                   ("weight streaming", self.stream is not None),
                                   ("activation offload", self.offload_activations)) if on]

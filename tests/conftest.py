@@ -79,3 +79,16 @@ def trainer(tmp_path, **kw):
                 enable_model_summary=False, num_sanity_val_steps=0)
     base.update(kw)
     return pl.Trainer(**base)
+
+
+@pytest.fixture
+def fresh_master_port(monkeypatch):
+    """A free port for this test's ddp_spawn: Lightning keeps MASTER_PORT in the
+    environment of the pytest process, and a second DDP run in the same process
+    would try to listen on the first one's port (EADDRINUSE)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    return port

@@ -35,10 +35,13 @@ def test_every_task_composes_at_three_epochs(task):
 def test_trec_is_in_no_group_but_its_own():
     # TREC chose reserve_fraction (by --only runs); the groups that choose the other
     # defaults run on the three study tasks, so those choices stay unseen by it
-    others = set(fidelity.TASKS) - set(fidelity.STUDY_TASKS)
+    policy = set(fidelity.POLICY_TASKS)
+    others = set(fidelity.TASKS) - set(fidelity.STUDY_TASKS) - policy
     assert others == {"trec"}
     for name, (tasks, _arms, _seeds) in fidelity.GROUPS.items():
         assert (set(tasks) & others == set()) == (name != "trec"), name
+        # the policy study's tasks are its own: no earlier choice saw them
+        assert (set(tasks) <= policy) == name.startswith("policies"), name
 
 
 def test_only_rejects_an_unknown_run_id():

@@ -374,13 +374,13 @@ def test_dropout_mask_in_backward_is_the_forwards(mask_kind):
     assert comp.sdpa.routed == 1
     torch.testing.assert_close(out1, out0, rtol=0, atol=0)
     for a, b in zip(g1, g0):
-        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_composes_with_activation_offload():
     """The compressed q, k, v go to the hooks outside SlimFit's scopes
     (activation offload here): the offloader moves int8 pieces, and the
-    gradients are those of compression alone."""
+    gradients are those of compression alone, bit for bit."""
     from slimfit import ActivationOffloader
     torch.manual_seed(0)
     model = hf_bert_sdpa(0.1).train()
@@ -401,7 +401,7 @@ def test_composes_with_activation_offload():
     loss.backward()
     assert comp.sdpa.routed == 4 and torch.uint8 in moved
     for n, p in model.named_parameters():
-        torch.testing.assert_close(p.grad.double().flatten(), ref[n])
+        torch.testing.assert_close(p.grad.double().flatten(), ref[n], rtol=0, atol=0)
 
 
 def test_padding_mask_is_saved_as_one_row_shared_by_layers():
@@ -448,7 +448,7 @@ def test_unsupported_call_falls_back_and_warns_once():
             out2 = model(q, k, v, bias)
     approx = torch.autograd.grad(out.sum() + 0 * out2.sum(), (q, k, v, bias))
     for a, b in zip(approx, exact):
-        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert comp.sdpa.routed == 0
     assert any("requires grad" in s for s in comp.preview()["skipped"])
 
@@ -458,7 +458,8 @@ def test_no_grad_call_runs_the_plain_op():
     comp = _attention_compressor(model)
     q = torch.randn(1, 2, 8, 4)
     with comp, torch.no_grad():
-        torch.testing.assert_close(model(q, q, q), F.scaled_dot_product_attention(q, q, q))
+        torch.testing.assert_close(model(q, q, q), F.scaled_dot_product_attention(q, q, q),
+                                   rtol=0, atol=0)
     assert comp.sdpa.routed == 0
 
 

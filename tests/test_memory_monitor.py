@@ -5,10 +5,11 @@ import csv
 
 import lightning.pytorch as pl
 import pytest
+import torch
 from lightning.pytorch.loggers import CSVLogger
 
-from slimfit.callbacks import MemoryMonitor
-from slimfit import measure_step
+from slimfit.callbacks import MemoryMonitor, SlimFit
+from slimfit import SlimFitSession, measure_step
 
 from conftest import lit_module, token_loader, trainer
 
@@ -48,17 +49,46 @@ def test_measures_every_n_steps_and_removes_hooks_between(tmp_path):
     assert "memory/activations" in logged and "memory/total" in logged
 
 
-def test_callback_agrees_with_plain_ledger(tmp_path):
-    """The Lightning measurement of a step equals measure_step on the same step."""
+#: every figure of a step's report; ``total`` sums the first four
+FIGURES = ("parameters", "gradients", "optimizer_state", "activations", "buffers",
+           "offloaded_optimizer_state", "total")
+
+
+def figures(report):
+    return {f: getattr(report, f) for f in FIGURES}
+
+
+@pytest.mark.parametrize("freezing", [False, True], ids=["full", "slimfit"])
+def test_callback_agrees_with_plain_ledger(tmp_path, freezing):
+    """Each step the Lightning monitor measures has the figures of the same step
+    run outside Lightning and measured by the ledger (``measure_step``, or the
+    session's ``step(measure=True)`` under SlimFit): every category and the
+    total, optimizer state included, at the first step (state created) and the
+    later ones (state carried over)."""
+    batches = list(token_loader(n=12, batch_size=4))  # 3 optimizer steps
+    torch.manual_seed(0)
+    lit = lit_module(optimizer="adamw")
+    torch.manual_seed(0)
+    ref = lit_module(optimizer="adamw")  # the same initial weights
     mon = MemoryMonitor(every_n_steps=1)
-    lit = lit_module(optimizer="sgd")
-    trainer(tmp_path, max_steps=1, callbacks=[mon]).fit(lit, token_loader())
-    x, y = next(iter(token_loader()))
-    ref = measure_step(lit, lit.configure_optimizers(),
-                       lambda: lit.model(input_ids=x, labels=y).loss.backward())
-    got = mon.history[0][1]
-    assert (got.parameters, got.gradients, got.activations) == (
-        ref.parameters, ref.gradients, ref.activations)
+    sf = SlimFit(freeze_rate=0.5, seed=0) if freezing else None
+    trainer(tmp_path, max_steps=len(batches), callbacks=[sf, mon] if sf else [mon]).fit(
+        lit, token_loader(n=12, batch_size=4))
+    assert [s for s, _ in mon.history] == list(range(len(batches)))
+
+    opt = ref.configure_optimizers()
+    if freezing:  # the callback's session config on an identical model
+        session = SlimFitSession(ref, sf.session.config).start(opt)
+        expected = [session.step(lambda: ref.model(input_ids=x, labels=y).loss, measure=True)
+                    for x, y in batches]
+        assert session.freezer.history.frozen_sets() == sf.freezer.history.frozen_sets()
+    else:
+        expected = [measure_step(ref, opt,
+                                 lambda: ref.model(input_ids=x, labels=y).loss.backward())
+                    for x, y in batches]
+    assert expected[0].optimizer_state > 0  # AdamW's moments are counted, not left out
+    for (step, got), want in zip(mon.history, expected):
+        assert figures(got) == figures(want), step
 
 
 def test_gradient_accumulation_measures_one_optimizer_step(tmp_path):

@@ -15,7 +15,7 @@ from slimfit import CompressionConfig
 from slimfit import SlimFitConfig
 from slimfit import SlimFitError
 from slimfit import BudgetError, plan_for_budget
-from slimfit import SessionConfig, SlimFitSession
+from slimfit import SessionConfig, SlimFitSession, StreamConfig
 
 from conftest import LitClassifier, lit_module, no_dropout_lit, token_loader, trainer
 import models
@@ -94,30 +94,75 @@ def test_every_freezing_option_survives_memory_budget(tmp_path):
 
 
 def test_compression_settings_survive_memory_budget():
+    """A plan that compresses carries the user's CompressionConfig itself (not
+    the defaults, not dropped); one that does not need it leaves it off."""
     model = models.hf_bert()
     batch = models.text_batch(model)
     comp = CompressionConfig(layernorm="topk", min_numel=7)
     base = SessionConfig(freezing=SlimFitConfig(score_eps=0.5), compression=comp)
     full = plan_for_budget(model, adamw, lambda: model(**batch).loss, 10**12, base=base)
+    assert full.config.compression is None  # full fine-tuning fits: nothing lossy
     tight = plan_for_budget(model, adamw, lambda: model(**batch).loss,
                             int(full.expected_total * 0.5), base=base)
-    assert tight.config.compression in (None, comp)
+    assert tight.config.compression is comp, tight.describe()
     assert tight.config.freezing.score_eps == 0.5
+
+
+# the 4-block BERT whose weights dominate (tests/test_planner.py "wide"): streaming helps
+WIDE = models.case("hf-bert", layers=4, vocab=64, hidden=64, heads=4, intermediate=1024,
+                   positions=16, batch=dict(n=2, seq=8))
+
+
+def test_stream_settings_survive_memory_budget():
+    """At one rate, a budget the stream-free configuration fits (its measured
+    peak) gives a plan without streaming; one byte less gives the streaming
+    one, with the user's units and pinning (k and k' are the planner's)."""
+    model = WIDE.build().eval()
+    batch = WIDE.batch(model, generator=torch.Generator().manual_seed(0))
+    loss = lambda: model(**batch).loss  # noqa: E731
+    units = [f"bert.encoder.layer.{i}" for i in (1, 2, 3)]  # not the default (all four)
+    base = SessionConfig(freezing=SlimFitConfig(score_eps=0.5),
+                         stream=StreamConfig(units=units, pin_memory=False))
+    freeze = SessionConfig(freezing=SlimFitConfig(freeze_rate=0.9), offload_optimizer_state=True)
+    # a default StreamConfig in a candidate only says "stream": the options are base's
+    candidates = [freeze, dataclasses.replace(freeze, stream=StreamConfig())]
+    stream_free = plan_for_budget(model, adamw, loss, 10**12, candidates=candidates[:1], base=base)
+    budget = stream_free.expected_total  # measured: the stream-free configuration fits exactly
+
+    not_needed = plan_for_budget(model, adamw, loss, budget, candidates=candidates, base=base)
+    assert not_needed.stream is None and not_needed.config.stream is None
+
+    needed = plan_for_budget(model, adamw, loss, budget - 1, candidates=candidates, base=base)
+    assert needed.expected_total <= budget - 1
+    s = needed.config.stream
+    assert s is not None and (s.units, s.pin_memory) == (units, False), needed.describe()
+    assert 0 <= s.prefetch < s.resident <= len(units)
+    assert needed.config.freezing.score_eps == 0.5
 
 
 # -- budgets on models without repeated blocks -----------------------------------------------
 
 def test_budget_on_a_model_without_blocks_gives_a_plan_or_a_budget_error():
     """Weight streaming needs a list of repeated blocks; the planner must not
-    offer it to a model without one (it used to fail with SelectionError)."""
+    offer it to a model without one (it used to fail with SelectionError), even
+    under a budget that needs its most capable exact techniques."""
     model = models.PlainNet()
     x = torch.randint(0, 16, (4, 6))
     y = torch.randint(0, 2, (4,))
     loss = lambda: torch.nn.functional.cross_entropy(model(x), y)  # noqa: E731
     with pytest.raises(BudgetError, match="smallest expected peak is"):
         plan_for_budget(model, adamw, loss, 1)
-    plan = plan_for_budget(model, adamw, loss, "1GiB")
-    assert plan.stream is None
+    full = plan_for_budget(model, adamw, loss, "1GiB")
+    assert full.label() == "full fine-tuning"
+    # one byte below full fine-tuning's measured peak: the search freezes, and tries
+    # every exact technique it may use (optimizer-state offload; never streaming)
+    budget = full.expected_total - 1
+    plan = plan_for_budget(model, adamw, loss, budget)
+    assert plan.expected_total <= budget and plan.config.freezing.freeze_rate > 0
+    tried = [label for label, _ in plan.tried]
+    assert any("optimizer-state offload" in t for t in tried), tried
+    assert not any("weight streaming" in t for t in tried), tried
+    assert plan.stream is None and plan.config.stream is None
 
 
 def test_callback_budget_on_a_model_without_blocks_is_a_budget_error(tmp_path):
@@ -276,8 +321,11 @@ def test_trained_lr_scale_multiplies_the_step_of_trained_units_only(score):
 
 
 def test_trained_lr_scale_auto_and_bad_values():
-    assert SlimFitConfig(freeze_rate=0.9, trained_lr_scale="auto").lr_scale == \
+    assert SlimFitConfig(freeze_rate=0.9, trained_lr_scale="auto").lr_scale(0.1) == \
         pytest.approx(10 ** 0.5)
+    # LISA and BAdam keep the optimizer's step (their papers'), a set trains K steps in a row
+    assert SlimFitConfig(policy="lisa").lr_scale(0.1) == SlimFitConfig(policy="badam").lr_scale(0.1) == 1.0
+    assert SlimFitConfig(policy="lisa", trained_lr_scale=2.0).lr_scale(0.1) == 2.0
     for bad in (0, -1.0, "fast", True, float("inf")):
         with pytest.raises(SlimFitError, match="trained_lr_scale must be a positive"):
             SlimFitConfig(trained_lr_scale=bad)

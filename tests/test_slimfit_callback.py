@@ -3,6 +3,9 @@ bit-identical across the step for every supported optimizer, gradient
 accumulation, resume, visibility, and clear refusals."""
 
 import math
+import pathlib
+import shutil
+import subprocess
 
 import lightning.pytorch as pl
 import pytest
@@ -205,3 +208,53 @@ def test_bf16_autocast_keeps_frozen_tensors_bit_identical(tmp_path):
         lit_module(lr=1e-2), token_loader())
     assert spy.violations == [] and all(m > 0 for m in spy.moved)
     assert len(sf.freezer.history) == 4
+
+
+# -- where the files go -------------------------------------------------------------------
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+SOURCE = ("slimfit", "callbacks")  # the package source in the checkout
+
+
+def _source_files():
+    """Every file under the package source but bytecode caches (ignored by git or not)."""
+    return {p for d in SOURCE for p in (REPO / d).rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts}
+
+
+def _git_status():
+    out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all", "--", *SOURCE],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+@pytest.mark.skipif(not (REPO / ".git").exists(), reason="needs the git checkout")
+def test_run_in_the_repository_root_writes_nothing_into_the_package(monkeypatch):
+    """No logger, no default_root_dir, started in the repository root: Lightning's
+    root is the working directory, so ``<root>/slimfit``, the callback's default
+    directory, is the package source. The heatmap and summary go elsewhere; the
+    source gains no file."""
+    monkeypatch.chdir(REPO)
+    leftovers = [REPO / "slimfit_output", REPO / "lightning_logs"]
+    existed = {p for p in leftovers if p.exists()}
+    files, status = _source_files(), _git_status()  # others may be editing the source now
+    sf = SlimFit(freeze_rate=0.5)
+    try:
+        pl.Trainer(max_steps=3, accelerator="cpu", devices=1, logger=False,
+                   enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, num_sanity_val_steps=0,
+                   callbacks=[sf]).fit(lit_module(), token_loader(n=12))
+        assert sorted(_source_files() - files) == []
+        assert _git_status() == status
+        heatmap = sf.files["heatmap"].resolve()
+        assert heatmap.is_file()
+        assert not any(heatmap.is_relative_to(REPO / d) for d in SOURCE), heatmap
+    finally:
+        for p in leftovers:
+            if p not in existed and p.exists():
+                shutil.rmtree(p)
+        for p in sf.driver.files.values():  # what the callback wrote, were it into the source
+            if p.resolve() not in files and any(p.resolve().is_relative_to(REPO / d)
+                                                for d in SOURCE):
+                p.unlink(missing_ok=True)

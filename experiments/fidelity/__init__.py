@@ -22,11 +22,13 @@ Modules: ``arms`` (the design), ``runner`` (the queue and one run),
 ``report`` (tables and plot), ``evidence`` (the figures the library reads).
 """
 
-from slimfit.experiments.fidelity.arms import (ABLATIONS, ARMS, GROUPS, SEEDS, SHARED_SETTINGS,
-                                               STUDY_TASKS, TASKS, reference, setting)
+from slimfit.experiments.fidelity.arms import (ABLATIONS, ARMS, GROUPS, POLICY_TASKS, SEEDS,
+                                               SHARED_SETTINGS, STUDY_TASKS, TASKS, reference,
+                                               setting)
 from slimfit.experiments.fidelity.report import frontier_runs, lr_sweep, plot, report
 from slimfit.experiments.fidelity.runner import RESULTS, RUNS, load, queue, run_one
 
-__all__ = ["ABLATIONS", "ARMS", "GROUPS", "RESULTS", "RUNS", "SEEDS", "SHARED_SETTINGS",
+__all__ = ["ABLATIONS", "ARMS", "GROUPS", "POLICY_TASKS", "RESULTS", "RUNS", "SEEDS",
+           "SHARED_SETTINGS",
            "STUDY_TASKS", "TASKS", "frontier_runs", "load", "lr_sweep", "plot", "queue", "reference",
            "report", "run_one", "setting"]

@@ -16,7 +16,7 @@ import pathlib
 import statistics
 
 from slimfit.evidence import BudgetRun, Evidence, Price, updates_per_unit
-from slimfit.experiments.fidelity.arms import reference
+from slimfit.experiments.fidelity.arms import POLICY_TASKS, reference
 from slimfit.experiments.fidelity.runner import RESULTS
 
 __all__ = ["BUDGET_ARMS", "COMPRESSION_PAIR", "EVIDENCE", "PRICE_ARMS", "STUDY_TRAINED",
@@ -58,7 +58,9 @@ def _price(runs: list[dict], arm: str, against: str = "full") -> Price | None:
 
 
 def build(runs: list[dict]) -> Evidence:
-    """The :class:`slimfit.evidence.Evidence` of ``runs``."""
+    """The :class:`slimfit.evidence.Evidence` of ``runs`` (the first study's tasks:
+    the policy study's report their test split, ``report.policy_table``)."""
+    runs = [r for r in runs if r["task"] not in POLICY_TASKS]
     prices = {key: p for key, arm in PRICE_ARMS.items() if (p := _price(runs, arm)) is not None}
     by_id = {(r["task"], r["arm"], r["seed"]): r for r in runs}
     budget = []

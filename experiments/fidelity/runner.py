@@ -62,8 +62,9 @@ def run_one(run_id: str, task: str, arm: str, seed: int, overrides: list[str]) -
                            + proc.stderr[-2000:])
     res = json.loads((out / "results.json").read_text())
     rec = {"id": run_id, "task": task, "arm": arm, "seed": seed, "overrides": overrides,
-           "val_acc": res["val_acc"], "steps": res["steps"], "train_size": res["train_size"],
-           "val_size": res["val_size"], "memory_total": (res["memory"] or {}).get("total"),
+           "val_acc": res["val_acc"], "test_acc": res.get("test_acc"), "steps": res["steps"],
+           "train_size": res["train_size"], "val_size": res["val_size"],
+           "test_size": res.get("test_size", 0), "memory_total": (res["memory"] or {}).get("total"),
            "step_time_s": res["step_time_s"], "wall_s": round(time.time() - t0, 1),
            "threads": os.environ.get("OMP_NUM_THREADS", "default"),
            "code": os.environ.get("FIDELITY_CODE", "working tree"),

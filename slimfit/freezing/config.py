@@ -12,6 +12,7 @@ import math
 from typing import Sequence
 
 from slimfit.errors import SlimFitError
+from slimfit.freezing.policies import BADAM_ORDERS, POLICIES
 from slimfit.freezing.scheduler import SELECTIONS
 from slimfit.freezing.scores import SCORES
 from slimfit.selection import Pattern, validate_pattern
@@ -23,22 +24,37 @@ __all__ = ["SlimFitConfig"]
 class SlimFitConfig:
     """Options of per-iteration layer freezing (arXiv 2305.18513, sections 1-2).
 
+    The defaults are the fidelity study's choices; each choice, and the runs
+    behind it, are in docs/results.md ("Fidelity at the paper's budget").
+
     Attributes:
-        freeze_rate: fraction r in [0, 1) of candidate units frozen each
-            optimizer step: ``floor(r * t)`` of ``t`` units (paper: 0.8-0.95).
+        freeze_rate: fraction r in [0, 1) of the rotating units frozen each
+            optimizer step: ``floor(r * t)`` of ``t`` units (paper: 0.8-0.95),
+            whatever the policy.
+        policy: how the trained units are chosen (:mod:`slimfit.freezing.
+            policies`): ``"slimfit"`` (by training-dynamics score, the paper's
+            inter-layer scheduler), ``"lisa"`` (sampled uniformly at random,
+            kept for ``interval`` steps; arXiv 2403.17919) or ``"badam"``
+            (consecutive blocks of units in turn, each for ``interval`` steps;
+            arXiv 2404.02827).
+        interval: K, the steps a LISA sample or a BAdam block is kept
+            (``None``: the tool's default, LISA 20 as LMFlow's
+            ``lisa_interval_steps``, BAdam 50 as its ``switch_block_every``).
+        order: BAdam's block order: ``"ascending"``, ``"descending"`` or
+            ``"random"`` (a new permutation every round).
+        trained_units: units trained per step instead of ``freeze_rate``'s
+            ``t - floor(r * t)`` (LISA's gamma, BAdam's block size); ``None``:
+            from ``freeze_rate``.
         include: candidate parameters (regex full match or list of names);
             default: weights with dim() > 1 and normalisation weights.
         exclude: parameters never frozen.
         always_train: parameters never frozen (e.g. a new classifier head).
         groups: regexes whose first capture group names a unit frozen as one.
-        seed: seed of the random tie-breaks and the initial round robin.
+        seed: seed of the random tie-breaks, samples and the initial round robin.
         max_frozen_age: force a unit to train after this many consecutive
             frozen steps (``None``: the paper's behaviour, where stale scores
-            age only implicitly as the learning rate decays). Not the
-            default: at 20 it lost 1.40 on movie reviews at 3 epochs where
-            the default lost 0.60 (seed 0; the forced returns, up to ~2.7
-            of MiniLM's 6 trained slots a step, crowd out the units still
-            learning); ``reserve_fraction`` ages units more gently.
+            age only implicitly as the learning rate decays; the study found
+            ``reserve_fraction`` ages units more gently).
         score_eps: epsilon in ``|W_new - W_old| / (|W_old| + eps)``.
         lr_normalized: divide each score by the learning rate its step used.
             The paper's raw score is proportional to the learning rate, so
@@ -50,56 +66,44 @@ class SlimFitConfig:
         score: the training-dynamics score (:mod:`slimfit.freezing.scores`):
             ``"paper"`` mean(|dW| / (|W| + eps)), ``"update_norm"``
             ||dW|| / (||W|| + eps), ``"grad_norm"`` ||g|| / (||W|| + eps),
-            ``"fisher"`` mean(g^2) * mean(W^2). Default ``"paper"``: with the
-            reserved slots it lost 0.60 on movie reviews at 3 epochs where
-            ``"update_norm"`` lost 1.00 and ``"grad_norm"`` 1.10 (seed 0).
+            ``"fisher"`` mean(g^2) * mean(W^2).
         on_nonfinite: a non-finite loss or score: ``"warn"`` (once, naming
             the step; the step's scores are not recorded) or ``"raise"``.
         train_new_heads: never freeze the parameters the pretrained checkpoint
             did not provide, or else the model's output head
-            (:mod:`slimfit.freezing.heads`); a head matched by ``include`` stays a
-            candidate.
+            (:mod:`slimfit.freezing.heads`); a head matched by ``include``
+            stays a candidate.
         frozen_score_decay: d in (0, 1]: the authority of a frozen unit's
             stale score decays with each step it stays frozen, the unit
             competing with ``score / d ** age``, so it comes back on its own
             (0.99: x2 after ~70 frozen steps; ``None``: the paper's behaviour).
-            Not the default: with the reserved slot, 0.99 gained 0.20 and
-            lost 0.65 on movie reviews at 3 epochs (seeds 0 / 1) where the
-            default lost 0.60 at both: not established as better.
         selection: how the trained set is chosen from the scores: ``"topk"``
             (the highest, deterministic) or ``"sample"`` (without replacement,
-            in proportion to the scores, seeded). Default ``"topk"``: with
-            the reserved slot, ``"sample"`` lost 2.20 on movie reviews at 3
-            epochs where top-k lost 0.60 (seed 0).
+            in proportion to the scores, seeded).
         reserve_fraction: fraction in [0, 1) of the trained slots given to the
             least recently trained units (oldest frozen first; at least one
-            slot when above 0), the rest going by score. Default 0.25: top-k
-            on stale scores lets a few matrices take nearly every update
-            while LayerNorm gains and embeddings, whose relative change is
-            small by construction, train once and never again; a rotating
-            slot brings every unit back (MiniLM at r = 0.9: 53 units, 1 of the
-            6 trained slots, each unit back within 53 steps). Chosen by
-            the fidelity study (docs/results.md): on TREC questions the
-            top-k defaults lost 1.07 points to full fine-tuning (3 seeds),
-            0.25 lost 0.47 (better at every seed); on the three study tasks
-            x 3 seeds -0.07 against top-k's +0.02 (no difference the seeds
-            establish). At a fifth of an epoch (one seed each) it cost 2
-            points on the demo and gained 0.65 on the study's movie run.
-            ``0.0`` is the paper's top-k. A checkpoint saved under another
-            value resumes with a warning.
+            slot when above 0), the rest going by score: top-k on stale scores
+            lets a few matrices take nearly every update while LayerNorm gains
+            and embeddings, whose relative change is small by construction,
+            train once and never again; a rotating slot brings every unit
+            back (MiniLM at r = 0.9: 53 units, 1 of the 6 trained slots, each
+            unit back within 53 steps). ``0.0`` is the paper's top-k. A
+            checkpoint saved under another value resumes with a warning.
         trained_lr_scale: multiply the optimizer step of every candidate unit
             trained this step by this factor (``W <- W_old + s * dW``: under
             SGD or AdamW, its learning rate times s; always-trained tensors,
             biases and new heads keep the optimizer's rate). A unit trains in
-            only about 1 - r of the steps; ``"auto"`` (default) uses
-            ``(1 - r) ** -0.5`` (3.16 at r = 0.9; 1 at r = 0), 1.0 the
-            optimizer's rate (the paper's behaviour). Chosen by the fidelity
-            study (docs/results.md): at r = 0.9 on the movie-review task the
-            paper's behaviour lost 1.40 points to full fine-tuning, ``"auto"``
-            0.45 (3 epochs, seed 0).
+            only about 1 - r of the steps; ``"auto"`` uses ``(1 - r) ** -0.5``
+            under the ``"slimfit"`` policy (3.16 at r = 0.9; 1 at r = 0) and
+            1.0 under LISA and BAdam (their papers' step, a unit training K
+            steps in a row); 1.0 is the optimizer's rate (the paper's).
     """
 
     freeze_rate: float = 0.9
+    policy: str = "slimfit"
+    interval: int | None = None
+    order: str = "ascending"
+    trained_units: int | None = None
     include: Pattern | None = None
     exclude: Pattern | None = None
     always_train: Pattern | None = None
@@ -123,6 +127,7 @@ class SlimFitConfig:
             raise SlimFitError(
                 f"freeze_rate must be a number in [0, 1), got {r!r}. It is the fraction of "
                 "candidate layers frozen each step; the paper uses 0.8-0.95 (0 = full fine-tuning).")
+        self._check_policy()
         for field in ("include", "exclude", "always_train"):
             validate_pattern(getattr(self, field), field)
         if self.groups is not None:
@@ -175,12 +180,51 @@ class SlimFitConfig:
                 "the factor on the optimizer step of the units trained in a step (1.0 = the "
                 "optimizer's learning rate; 'auto' = (1 - freeze_rate) ** -0.5).")
 
-    @property
-    def lr_scale(self) -> float:
-        """The factor :attr:`trained_lr_scale` stands for at this rate."""
-        if self.trained_lr_scale == "auto":
-            return (1.0 - self.freeze_rate) ** -0.5
-        return float(self.trained_lr_scale)
+    def _check_policy(self) -> None:
+        if self.policy not in POLICIES:
+            raise SlimFitError(f"policy must be one of {', '.join(map(repr, POLICIES))}, got "
+                               f"{self.policy!r}.")
+        k = self.interval
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise SlimFitError(f"interval must be None or an int >= 1 (the steps a LISA sample or "
+                               f"a BAdam block is kept), got {k!r}.")
+        if k is not None and self.policy == "slimfit":
+            raise SlimFitError(f"interval={k} applies to policy='lisa' or 'badam'; the 'slimfit' "
+                               "policy decides every step. Drop interval or choose the policy.")
+        if self.order not in BADAM_ORDERS:
+            raise SlimFitError(f"order must be one of {', '.join(map(repr, BADAM_ORDERS))}, got "
+                               f"{self.order!r}.")
+        if self.order != "ascending" and self.policy != "badam":
+            raise SlimFitError(f"order={self.order!r} is BAdam's block order; it applies to "
+                               "policy='badam' only.")
+        n = self.trained_units
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise SlimFitError(f"trained_units must be None (from freeze_rate) or an int >= 1, "
+                               f"got {n!r}.")
+
+    def frozen_count(self, units: int) -> int:
+        """Units frozen per step out of ``units``: ``floor(r * t)``, or
+        ``t - trained_units`` when that is set.
+
+        Raises:
+            SlimFitError: ``trained_units`` larger than the model's units.
+        """
+        if self.trained_units is None:
+            return math.floor(self.freeze_rate * units)
+        if self.trained_units > units:
+            raise SlimFitError(f"trained_units={self.trained_units} but the model has {units} "
+                               "rotating units; choose at most that many.")
+        return units - self.trained_units
+
+    def lr_scale(self, trained_fraction: float) -> float:
+        """The factor :attr:`trained_lr_scale` stands for when ``trained_fraction``
+        of the units train each step (``"auto"``: ``trained_fraction ** -0.5``
+        under the ``"slimfit"`` policy, 1 under LISA and BAdam)."""
+        if self.trained_lr_scale != "auto":
+            return float(self.trained_lr_scale)
+        if self.policy != "slimfit" or trained_fraction <= 0:
+            return 1.0
+        return trained_fraction ** -0.5
 
     def selection_kwargs(self) -> dict:
         """The arguments of :func:`slimfit.selection.select_units`."""

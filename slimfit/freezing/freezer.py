@@ -38,7 +38,7 @@ from slimfit.freezing.config import SlimFitConfig
 from slimfit.errors import CheckpointMismatchError, NonFiniteError, SlimFitError
 from slimfit.freezing.heads import HeadReport, without_new_heads
 from slimfit.freezing.history import FreezeHistory
-from slimfit.freezing.scheduler import InterLayerScheduler
+from slimfit.freezing.policies import make_policy
 from slimfit.freezing.scores import WeightSnapshot
 from slimfit.parts import Context, Part, Step
 from slimfit.evidence import short_budget_note
@@ -85,10 +85,11 @@ class LayerFreezer(Part):
             self.selection, self.heads = without_new_heads(model, self.selection, c.include)
         self.units = self.selection.units
         self.names = [u.name for u in self.units]
-        self.scheduler = InterLayerScheduler(
-            self.names, c.freeze_rate, seed=c.seed, max_frozen_age=c.max_frozen_age,
-            frozen_score_decay=c.frozen_score_decay, selection=c.selection,
-            reserve_fraction=c.reserve_fraction)
+        #: the policy that decides each step's frozen set (slimfit.freezing.policies)
+        self.scheduler = make_policy(self.names, c)
+        t = len(self.units)
+        trained = 1.0 - c.freeze_rate if c.trained_units is None else (t - self.num_frozen) / t
+        self.lr_scale = c.lr_scale(trained)  # the step factor of trained units
         # embedding tables: scored over the rows the step used (slimfit.freezing.scores)
         self._tables = {id(m.weight) for m in model.modules()
                         if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
@@ -184,10 +185,12 @@ class LayerFreezer(Part):
             for p in self.units[i].params:
                 p.grad = None
         trained = [u.params for i, u in enumerate(self.units) if i not in fz]
+        if not self.scheduler.needs_scores and self.lr_scale == 1.0:
+            trained = []  # LISA, BAdam: no score read, no weight copied (the loss is still checked)
         self._snapshot = WeightSnapshot(
             trained, eps=self.config.score_eps, score=self.config.score,
             row_sparse=[p for ps in trained for p in ps if id(p) in self._tables],
-            keep_weights=self.config.lr_scale != 1.0)
+            keep_weights=self.lr_scale != 1.0)
 
     def record(self, *, skipped: bool = False,
                loss: torch.Tensor | float | None = None) -> dict[str, float]:
@@ -215,8 +218,8 @@ class LayerFreezer(Part):
         step, frozen = self.scheduler.step, self.frozen
         scores, bad = None, None
         if not skipped:  # a skipped step is not read at all (no sync)
-            if self.config.lr_scale != 1.0:  # W <- W_old + s * dW, in place, before scoring
-                snap.scale_update(self.config.lr_scale)
+            if self.lr_scale != 1.0:  # W <- W_old + s * dW, in place, before scoring
+                snap.scale_update(self.lr_scale)
             m = snap.measure(_loss_flag(loss))
             if m.finite:
                 scores = m.scores
@@ -277,7 +280,9 @@ class LayerFreezer(Part):
         rate, score and selection policy, and the new heads always trained."""
         c = self.config
         policy = f"score {c.score!r}, selection {c.selection!r}"
-        if c.reserve_fraction:
+        if c.policy != "slimfit":
+            policy = self.scheduler.describe()
+        elif c.reserve_fraction:
             n_train = self.scheduler.num_trained
             policy += (f", {self.scheduler.reserved_slots(n_train)} of the {n_train} trained slots "
                        f"reserved for the longest-frozen units (reserve_fraction={c.reserve_fraction:g})")
@@ -288,7 +293,8 @@ class LayerFreezer(Part):
         heads = (f"new heads always trained: {self.heads.describe()}" if c.train_new_heads
                  else "new heads: candidates like any layer (train_new_heads=False)")
         return (f"SlimFit: {len(self.units)} units, freeze rate {c.freeze_rate} "
-                f"({self.num_frozen} frozen per step); {policy}\n"
+                f"({self.num_frozen} frozen per step); {policy}"
+                + (f"; trained step x{self.lr_scale:.3g}" if self.lr_scale != 1.0 else "") + "\n"
                 f"  {self.selection}\n  {heads}")
 
     def summary(self, top: int | None = None) -> str:

@@ -71,9 +71,14 @@ class InterLayerScheduler:
         2
     """
 
+    #: the ``SlimFitConfig.policy`` this is; it reads the scores of trained units
+    name = "slimfit"
+    needs_scores = True
+
     def __init__(self, names: Sequence[str], freeze_rate: float, seed: int = 0,
                  max_frozen_age: int | None = None, frozen_score_decay: float | None = None,
-                 selection: str = "topk", reserve_fraction: float = 0.0):
+                 selection: str = "topk", reserve_fraction: float = 0.0,
+                 num_frozen: int | None = None):
         if not names:
             raise SlimFitError("InterLayerScheduler needs at least one unit name.")
         if len(set(names)) != len(names):
@@ -93,6 +98,9 @@ class InterLayerScheduler:
         self.selection = selection
         self.reserve_fraction = float(reserve_fraction)
         self.freeze_rate = float(freeze_rate)
+        if num_frozen is not None and not 0 <= num_frozen < len(names):
+            raise SlimFitError(f"num_frozen must be in [0, {len(names)}), got {num_frozen!r}.")
+        self._num_frozen = num_frozen  # None: floor(freeze_rate * t)
         self.max_frozen_age = max_frozen_age
         self.scores: list[float | None] = [None] * len(names)  # None: never measured
         self.ages = [0] * len(names)  # consecutive steps frozen
@@ -101,7 +109,9 @@ class InterLayerScheduler:
 
     @property
     def num_frozen(self) -> int:
-        """``floor(r * t)``: units frozen in every step."""
+        """``floor(r * t)`` (or the count given): units frozen in every step."""
+        if self._num_frozen is not None:
+            return self._num_frozen
         return math.floor(self.freeze_rate * len(self.names))
 
     @property
@@ -221,6 +231,10 @@ class InterLayerScheduler:
                    f"a {type(state).__name__}, not a dict")
                 + f"; expected version {STATE_VERSION}); the checkpoint is corrupt or from "
                 "another tool.")
+        if state.get("policy", "slimfit") != "slimfit":
+            raise CheckpointMismatchError(
+                f"the checkpoint's freezing state is for policy {state['policy']!r}, not "
+                "'slimfit'; resume with the policy the run was saved with.")
         names = state.get("names")
         if names != self.names:
             names = list(names or [])

@@ -1,5 +1,6 @@
 """``OptimizerStateOffloader``: the optimizer state of frozen units lives in
-host memory while they stay frozen (a session part).
+host memory while they stay frozen, or is released (a session part,
+``SessionConfig.optimizer_state="host"`` or ``"release"``).
 
 Why: freezing removes gradients and dynamic activations, but AdamW keeps 8
 bytes per parameter for every tensor ever trained, resident on the GPU even
@@ -15,6 +16,12 @@ The state stays inside ``optimizer.state`` (host tensors in place of device
 ones), so ``optimizer.state_dict()`` and Lightning checkpoints stay complete.
 On a machine without CUDA the copies are synchronous host-to-host copies: the
 bookkeeping and exactness are the same, the memory moved is not.
+
+``release`` (BAdam's choice, arXiv 2404.02827): the state of a unit is
+dropped when it freezes, so the device holds state for the trained units
+only and nothing is kept anywhere for the others; a unit that trains again
+starts from fresh state (AdamW's step count and bias correction restart), so
+the updates change: an accuracy choice, not an exact one.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ class OptimizerStateOffloader(Part):
         units: per unit, its parameters (``LayerFreezer.units[i].params``).
         pin_memory: page-locked host buffers (default: when CUDA is available),
             needed for asynchronous copies.
+        release: drop the state of frozen units instead of moving it.
 
     Example:
         >>> lin = nn.Linear(4, 4)
@@ -57,8 +65,11 @@ class OptimizerStateOffloader(Part):
     name = "optimizer_state_offload"
 
     def __init__(self, optimizer: torch.optim.Optimizer | None = None,
-                 units: Sequence[Sequence[nn.Parameter]] = (), pin_memory: bool | None = None):
+                 units: Sequence[Sequence[nn.Parameter]] = (), pin_memory: bool | None = None,
+                 release: bool = False):
         self.optimizer = optimizer
+        self.release = release
+        self.bytes_released = 0
         self.units = [tuple(u) for u in units]
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.offloaded_units: set[int] = set()
@@ -69,7 +80,9 @@ class OptimizerStateOffloader(Part):
 
     @classmethod
     def from_config(cls, model: nn.Module, config: Any) -> "OptimizerStateOffloader | None":
-        return cls() if config.offload_optimizer_state else None
+        if config.optimizer_state == "device":
+            return None
+        return cls(release=config.optimizer_state == "release")
 
     # -- the step protocol (slimfit.parts) ------------------------------------------
     def attach(self, ctx: Context) -> None:
@@ -96,14 +109,24 @@ class OptimizerStateOffloader(Part):
             self._stream.synchronize()
         self._pending = False
 
+    def describe(self) -> str:
+        return ("optimizer state of frozen units: released (re-initialised when a unit trains "
+                "again)" if self.release else "optimizer state of frozen units: in host memory, "
+                "prefetched back before a unit trains (exact)")
+
     def memory_adjustment(self) -> MemoryAdjustment:
         return MemoryAdjustment(host_state_keys=frozenset(self._host_keys))
 
     # -- moving state ---------------------------------------------------------------
     def sync(self, frozen: Sequence[int]) -> None:
-        """Right after the freezing decision of a step is applied: offload the
-        state of newly frozen units, prefetch that of units to be trained."""
+        """Right after the freezing decision of a step is applied: offload (or
+        release) the state of newly frozen units, prefetch that of units to be
+        trained."""
         fz = set(int(i) for i in frozen)
+        if self.release:
+            for i in fz:
+                self._release_unit(i)
+            return
         for i in sorted(fz - self.offloaded_units):
             self._move_unit(i, to_host=True)
         for i in sorted(self.offloaded_units - fz):
@@ -114,6 +137,13 @@ class OptimizerStateOffloader(Part):
         for i in sorted(self.offloaded_units):
             self._move_unit(i, to_host=False)
         self.synchronize()
+
+    def _release_unit(self, i: int) -> None:
+        for p in self.units[i]:
+            state = self.optimizer.state.pop(p, None)
+            for v in (state or {}).values():
+                if torch.is_tensor(v):
+                    self.bytes_released += v.numel() * v.element_size()
 
     # -- moving one unit --------------------------------------------------------
     def _move_unit(self, i: int, to_host: bool) -> None:
