@@ -1,5 +1,5 @@
 """SlimFit against what a user would otherwise run, in one table: ledger memory
-and step time of every method of :mod:`slimfit.experiments.methods` (full
+and step time of the runs of :mod:`slimfit.experiments.runs` (full
 fine-tuning, AdamW8bit, activation checkpointing, LoRA, LoRA + checkpointing,
 SlimFit r=0.9 + compression, SlimFit r=0.9 + checkpointing, LoRA + compression).
 

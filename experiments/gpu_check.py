@@ -3,7 +3,7 @@
 ViT-B/16 (224 px) at batch 32 and 128, under bf16 autocast by default, for
 
 * full fine-tuning of the model as loaded (SDPA attention, AdamW): the baseline,
-* the peers a user would otherwise run (``slimfit.experiments.methods``):
+* the peers a user would otherwise run (``slimfit.experiments.runs``):
   AdamW8bit, gradient checkpointing, LoRA r=8, LoRA + checkpointing,
   LoRA + compression,
 * SlimFit r=0.9 + static-activation compression (fused attention compressed),

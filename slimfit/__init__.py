@@ -16,6 +16,7 @@ from slimfit.errors import (CheckpointMismatchError, LedgerError, NonFiniteError
                             SelectionError, ShortBudgetWarning, SlimFitError,
                             UnsupportedSetupError)
 from slimfit.freezing import LayerFreezer, SlimFitConfig, preview
+from slimfit.loss import ChunkedLMLoss, chunked_cross_entropy
 from slimfit.memory import MeasuredStep, MemoryReport, format_bytes, measure_step
 from slimfit.offload import (ActivationOffloader, OptimizerStateOffloader, StreamConfig,
                              WeightStreamer)
@@ -30,6 +31,7 @@ _aliases.install()
 
 __all__ = [
     "ActivationCompressor", "ActivationOffloader", "BudgetError", "CheckpointMismatchError",
+    "ChunkedLMLoss", "chunked_cross_entropy",
     "CompressionConfig", "LayerFreezer", "LedgerError", "MeasuredStep", "MemoryReport",
     "NonFiniteError", "OptimizerStateOffloader", "OptionTypeError", "Part", "Plan",
     "SelectionError", "SessionConfig", "SessionDriver", "ShortBudgetWarning", "SlimFitConfig",

@@ -42,6 +42,7 @@ from slimfit.compression.frozen_conv import FrozenConvRouter
 from slimfit.distributed import agree
 from slimfit.errors import CheckpointMismatchError, SlimFitError
 from slimfit.freezing.freezer import LayerFreezer
+from slimfit.loss.head import ChunkedLMLoss
 from slimfit.offload.activations import ActivationOffloader
 from slimfit.offload.optimizer_state import OptimizerStateOffloader
 from slimfit.offload.streaming import WeightStreamer
@@ -54,8 +55,9 @@ __all__ = ["PARTS", "SlimFitSession"]
 #: closing moments in reverse: ``slimfit.parts``). Each builds itself from a
 #: :class:`SessionConfig` (``Part.from_config``) or stays off. A new part is a
 #: new module with a ``Part`` subclass and one entry here.
-PARTS: tuple[type[Part], ...] = (LayerFreezer, ActivationCompressor, FrozenConvRouter,
-                                 OptimizerStateOffloader, WeightStreamer, ActivationOffloader)
+PARTS: tuple[type[Part], ...] = (LayerFreezer, ActivationCompressor, ChunkedLMLoss,
+                                 FrozenConvRouter, OptimizerStateOffloader, WeightStreamer,
+                                 ActivationOffloader)
 
 #: checkpoint format of :meth:`SlimFitSession.state_dict` (1: the freezer's state alone)
 STATE_VERSION = 2

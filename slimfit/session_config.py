@@ -52,6 +52,9 @@ class SessionConfig:
             ``freezing`` unless ``"device"``.
         offload_optimizer_state: ``True`` is ``optimizer_state="host"`` (the
             two are kept in agreement).
+        chunked_loss: compute the loss of transformers' causal-LM heads in
+            chunks of tokens, never keeping the logits (``True``: chunks of
+            1,024 tokens; an int: that many; :mod:`slimfit.loss`).
         offload_activations: saved activations in host memory between the
             forward and the optimizer step (CUDA; nothing to move on a CPU).
         stream: stream the weights of frozen tensors (``None``: off; needs
@@ -64,6 +67,7 @@ class SessionConfig:
     offload_activations: bool = False
     stream: StreamConfig | None = None
     optimizer_state: str = "device"
+    chunked_loss: bool | int = False
 
     def __post_init__(self):
         for name, cls in (("freezing", SlimFitConfig), ("compression", CompressionConfig),
@@ -76,6 +80,10 @@ class SessionConfig:
             if not isinstance(getattr(self, name), bool):
                 raise OptionTypeError(f"SessionConfig.{name} must be a bool, got "
                                       f"{getattr(self, name)!r}.")
+        c = self.chunked_loss
+        if not isinstance(c, (bool, int)) or (not isinstance(c, bool) and c < 1):
+            raise OptionTypeError(f"SessionConfig.chunked_loss must be a bool or a chunk size >= 1 "
+                                  f"(tokens), got {c!r}.")
         if self.optimizer_state not in OPTIMIZER_STATES:
             raise SlimFitError(f"optimizer_state must be one of {', '.join(map(repr, OPTIMIZER_STATES))}"
                                f", got {self.optimizer_state!r}.")
@@ -96,7 +104,8 @@ class SessionConfig:
                      compression: CompressionConfig | bool | None = None,
                      offload_optimizer_state: bool = False, offload_activations: bool = False,
                      stream_weights: StreamConfig | bool | None = None,
-                     optimizer_state: str = "device", **freezing: Any) -> "SessionConfig":
+                     optimizer_state: str = "device", chunked_loss: bool | int = False,
+                     **freezing: Any) -> "SessionConfig":
         """The user-facing options of ``SlimFit(...)``: ``compression`` and
         ``stream_weights`` take ``True`` (defaults), ``False``/``None`` (off) or
         their config; ``freezing`` holds :class:`SlimFitConfig` fields, or pass
@@ -119,6 +128,7 @@ class SessionConfig:
         out = cls(freezing=config, compression=_option("compression", compression, CompressionConfig),
                   offload_optimizer_state=offload_optimizer_state,
                   offload_activations=offload_activations, optimizer_state=optimizer_state,
+                  chunked_loss=chunked_loss,
                   stream=_option("stream_weights", stream_weights, StreamConfig))
         if (out.offload_optimizer_state or out.offload_activations or out.stream) \
                 and not torch.cuda.is_available():
@@ -137,6 +147,7 @@ class SessionConfig:
         parts += [n for n, on in (("optimizer-state offload", self.offload_optimizer_state),
                                   ("optimizer state released", self.optimizer_state == "release"),
                                   ("compression", self.compression is not None),
+                                  ("chunked loss", bool(self.chunked_loss)),
                                   ("weight streaming", self.stream is not None),
                                   ("activation offload", self.offload_activations)) if on]
         return " + ".join(parts)

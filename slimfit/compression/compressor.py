@@ -51,6 +51,7 @@ from slimfit.compression.fused_attention import SDPARouter
 from slimfit.hooks import ScopedHooks
 from slimfit.parts import Context, Part
 from slimfit.compression.quantize import dequantize, pack_bool, quantize, topk_prune, topk_restore, unpack_bool
+from slimfit.compression.recast import RecastMode
 from slimfit.selection import refuse_compiled, select_modules
 from slimfit.storage import is_parameter_or_view, storage_identity
 
@@ -70,6 +71,9 @@ class _Packed:
     def __init__(self, kind, meta, pieces):
         self.kind, self.meta, self.pieces = kind, meta, pieces
 
+
+#: the kinds whose scope wraps a Linear (or Conv1D)
+_LINEAR_KINDS = ("ffn_down_input", "linear_input")
 
 #: a saved view is copied when its storage is at least this many times larger
 _NARROW = 4
@@ -113,6 +117,10 @@ class _Scope(ScopedHooks):
 
     def push(self) -> None:
         super().push()
+        if self.kind in _LINEAR_KINDS:  # under autocast: keep no half-precision weight copy
+            dev = self.compressor._device_type
+            self.mode = RecastMode(dev, torch.get_autocast_dtype(dev)) \
+                if torch.is_autocast_enabled(dev) else None
         if self.mode is not None:
             self.mode.__enter__()
 
@@ -125,7 +133,8 @@ class _Scope(ScopedHooks):
     def pack(self, t: torch.Tensor) -> Any:
         c = self.compressor
         storage = storage_identity(t)
-        if storage in c._param_storages or is_parameter_or_view(t):
+        if storage in c._param_storages or storage in c._constants or is_parameter_or_view(t):
+            # weights; rotary cos/sin, computed once per forward for every layer: by reference
             return ("raw", self.pack_outer(t))
         key = (storage, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t._version)
         hit = self._cache.get(key, (None,))[0]
@@ -220,6 +229,9 @@ class ActivationCompressor(Part):
         self.fused: list[str] = []  # attention modules calling F.scaled_dot_product_attention
         self._handles: list[Any] = []
         self._param_storages: set = set()
+        self._constants: set = set()  # storages of this forward's rotary cos/sin
+        self._fused_gelus: list[nn.Module] = []
+        self._device_type = "cpu"
         self.targets = self._select()
         tr = self.config.attention
         self.sdpa = SDPARouter(bits=tr.bits or 8, group_size=tr.group_size,
@@ -254,11 +266,13 @@ class ActivationCompressor(Part):
                 self.fused = [n for n, _ in chosen if kernels[n] == "sdpa"]
                 if not kernels and cfg.enabled(kind):
                     missing.append(kind)
-            elif not chosen and cfg.enabled(kind) and kind in ("gelu", "layernorm"):
+            elif not chosen and cfg.enabled(kind) and kind in ("gelu", "layernorm") \
+                    and not (kind == "gelu" and targets.get("mlp")):  # a gated MLP's activation
                 missing.append(kind)
             # Linears always get a scope, pass-through when "none": otherwise an
-            # enclosing attention scope would quantize their inputs.
-            targets[kind] = chosen if cfg.enabled(kind) or kind == "linear_input" else []
+            # enclosing attention scope would quantize their inputs; and under
+            # autocast their weight is cast again in backward (compression.recast)
+            targets[kind] = chosen if cfg.enabled(kind) or kind in _LINEAR_KINDS else []
         if other:
             warnings.warn(f"SlimFit compression leaves {len(other)} attention module(s) alone: "
                           f"kernel(s) {sorted(set(other.values()))} do not call "
@@ -289,6 +303,12 @@ class ActivationCompressor(Part):
         # by storage identity: a streamed weight (slimfit.offload.streaming) keeps its storage
         # but not its address, and must still never be quantized
         self._param_storages = {storage_identity(p) for p in self.model.parameters()}
+        self._device_type = next(self.model.parameters()).device.type
+        for mod in self.model.modules():  # cos/sin: one storage every layer's RoPE saves
+            if type(mod).__name__.endswith("RotaryEmbedding"):
+                self._handles.append(mod.register_forward_hook(self._record_constants))
+        for _, mod in self.targets.get("gelu", []):
+            self._fuse_tanh_gelu(mod)
         for kind, mods in self.targets.items():
             tr = None if kind == "dropout_mask" else getattr(self.config, kind)
             for name, mod in mods:
@@ -300,10 +320,28 @@ class ActivationCompressor(Part):
                                                                always_call=True))
         return self
 
+    def _fuse_tanh_gelu(self, mod: nn.Module) -> None:
+        """GPT-2's ``NewGELUActivation`` (and ``FastGELUActivation``) write the
+        tanh approximation as five ops, each saving its own input for backward;
+        ``F.gelu(approximate="tanh")`` is the same function as one op saving one
+        (the input, quantized here). Restored by :meth:`remove`."""
+        if type(mod).__name__ in ("NewGELUActivation", "FastGELUActivation") \
+                and "forward" not in mod.__dict__:
+            mod.forward = lambda x: torch.nn.functional.gelu(x, approximate="tanh")
+            self._fused_gelus.append(mod)
+
+    def _record_constants(self, _mod, _args, out) -> None:
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        self._constants = {storage_identity(t) for t in outs if isinstance(t, torch.Tensor)}
+
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for mod in self._fused_gelus:
+            mod.__dict__.pop("forward", None)
+        self._fused_gelus.clear()
+        self._constants = set()
         self.sdpa.clear()
 
     @property

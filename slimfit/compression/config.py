@@ -71,9 +71,13 @@ class CompressionConfig:
     with scaled quantizers instead of fixed-point ranges).
 
     Attributes:
-        attention: Q/K/V operands and softmax probabilities of eager attention.
+        attention: Q/K/V operands and softmax probabilities of eager attention
+            (fused attention: q, k, v, the attention recomputed in backward).
+        mlp: what a gated MLP saves in its own forward (``act(gate)``, ``up``,
+            the activation's input: Llama, Qwen2, Mistral, Gemma, Phi-3, T5).
         gelu: GELU input (4-bit, as in the paper).
-        layernorm: LayerNorm input (``int8``, or ``topk`` as in the paper).
+        layernorm: LayerNorm and RMSNorm input and what their backward keeps
+            (``int8``, or ``topk`` for LayerNorm as in the paper).
         ffn_down_input: input of the FFN down-projection when it is trainable.
         linear_input: inputs saved by every other trained Linear (dynamic
             activations; int8 per token since the fidelity study measured it at the
@@ -85,6 +89,7 @@ class CompressionConfig:
     """
 
     attention: Treatment = _t("int8")
+    mlp: Treatment = _t("int8")
     gelu: Treatment = _t("int4", group_size=64)
     layernorm: Treatment = _t("int8")
     ffn_down_input: Treatment = _t("int8")
@@ -108,7 +113,7 @@ class CompressionConfig:
                 raise SlimFitError(f"{kind} must be a Treatment, a method name or a mapping, got {t!r}.")
         if self.layernorm.method not in ("none", "int8", "int4", "topk"):
             raise SlimFitError(f"layernorm treatment {self.layernorm.method!r} is not supported.")
-        for kind in ("attention", "gelu", "ffn_down_input", "linear_input"):
+        for kind in ("attention", "mlp", "gelu", "ffn_down_input", "linear_input"):
             if getattr(self, kind).method == "topk":
                 raise SlimFitError(f"topk pruning is only defined for layernorm, not {kind}; "
                                    "use int8 or int4.")

@@ -1,6 +1,7 @@
 """Finding the modules whose saved activations compression treats, by type:
-attention cores, GELUs, LayerNorms, FFN down-projections, other Linears and
-dropouts, with no per-architecture code.
+attention cores, gated MLPs, GELUs, norms (LayerNorm and RMSNorm), FFN
+down-projections, other Linears (and GPT-2's ``Conv1D``) and dropouts, with no
+per-architecture code.
 
 Why a module of its own: the rules are what a new architecture needs to be
 checked against (Hugging Face BERT/RoBERTa/DistilBERT/ViT and timm ViTs all
@@ -14,32 +15,53 @@ detected too: eager and ``F.scaled_dot_product_attention`` (Hugging Face
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from slimfit.selection import iter_modules
 
-__all__ = ["KINDS", "attention_kernel", "detect_kinds", "down_projections",
-           "is_attention", "is_gelu"]
+__all__ = ["KINDS", "attention_kernel", "detect_kinds", "down_projections", "is_attention",
+           "is_gated_mlp", "is_gelu", "is_linear", "is_norm", "linear_dims"]
 
 #: Activation kinds, in the order they are reported.
-KINDS = ("attention", "gelu", "layernorm", "ffn_down_input", "linear_input", "dropout_mask")
+KINDS = ("attention", "mlp", "gelu", "layernorm", "ffn_down_input", "linear_input",
+         "dropout_mask")
 
-_QUERY_NAMES = ("query", "q_proj", "q_lin", "q", "qkv", "Wqkv", "query_proj")
+#: a query (or fused qkv) projection: BERT, Llama/Qwen2/Mistral/Gemma/BART, DistilBERT, T5,
+#: timm, MPT, DeBERTa, Phi-3 (qkv_proj), GPT-2 (c_attn)
+_QUERY_NAMES = ("query", "q_proj", "q_lin", "q", "qkv", "Wqkv", "query_proj", "qkv_proj",
+                "c_attn")
+#: what a gated MLP owns: Llama-style gate/up, Phi-3's fused gate_up, T5's gated wi_0/wi_1
+_GATES = (("gate_proj", "up_proj"), ("gate_up_proj",), ("wi_0", "wi_1"))
 
 
-def _is_linear(m: object) -> bool:
-    """An ``nn.Linear``, or an adapter wrapping one (PEFT's LoRA layers keep the
-    original as ``base_layer``)."""
-    return isinstance(m, nn.Linear) or isinstance(getattr(m, "base_layer", None), nn.Linear)
+def is_linear(m: object) -> bool:
+    """A linear map whose weight is its own parameter: ``nn.Linear``, GPT-2's
+    ``Conv1D`` (``x @ W + b``, weight transposed), or an adapter wrapping a
+    Linear (PEFT's LoRA layers keep the original as ``base_layer``)."""
+    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D" \
+        or isinstance(getattr(m, "base_layer", None), nn.Linear)
+
+
+
+def linear_dims(m: nn.Module) -> tuple[int, int] | None:
+    """``(in_features, out_features)`` of an ``nn.Linear`` or a ``Conv1D``."""
+    if isinstance(m, nn.Linear):
+        return m.in_features, m.out_features
+    if type(m).__name__ == "Conv1D" and isinstance(getattr(m, "weight", None), torch.Tensor):
+        return tuple(m.weight.shape)  # (in, out): Conv1D stores W transposed
+    return None
 
 
 def is_attention(mod: nn.Module) -> bool:
     """An attention core: a ``*Attention`` module owning its query (or fused
     qkv) projection directly (BertSelfAttention, ViTAttention,
     DistilBertSelfAttention, DeBERTa's DisentangledSelfAttention, timm
-    Attention; not BertAttention, its parent), LoRA-wrapped or not."""
+    Attention, LlamaAttention and its kin, GPT2Attention, Phi3Attention,
+    T5Attention, BartAttention; not BertAttention, its parent), LoRA-wrapped or
+    not."""
     return type(mod).__name__.endswith("Attention") and any(
-        _is_linear(getattr(mod, n, None)) for n in _QUERY_NAMES)
+        is_linear(getattr(mod, n, None)) for n in _QUERY_NAMES)
 
 
 def attention_kernel(mod: nn.Module) -> str:
@@ -54,6 +76,23 @@ def attention_kernel(mod: nn.Module) -> str:
     return "sdpa" if "sdpa" in str(impl) else str(impl)
 
 
+def is_gated_mlp(mod: nn.Module) -> bool:
+    """A feed-forward block that multiplies two branches, ``act(gate(x)) *
+    up(x)`` (Llama, Qwen2, Mistral, Gemma, Phi-3's fused ``gate_up_proj``, T5's
+    gated ``wi_0``/``wi_1``), or T5's plain ``wi``/``wo`` block: the operands
+    it saves in its own forward (both branches, the activation's input) are
+    what its backward needs whatever is frozen."""
+    owns = lambda n: is_linear(getattr(mod, n, None))  # noqa: E731
+    return any(all(owns(n) for n in names) for names in _GATES) or (owns("wi") and owns("wo"))
+
+
+def is_norm(mod: nn.Module) -> bool:
+    """A normalisation whose input its backward needs: ``nn.LayerNorm`` and
+    classes named for a LayerNorm or RMSNorm (Llama/Qwen2/Mistral/Gemma
+    ``*RMSNorm``, ``T5LayerNorm``)."""
+    return isinstance(mod, nn.LayerNorm) or type(mod).__name__.endswith(("RMSNorm", "LayerNorm"))
+
+
 def is_gelu(mod: nn.Module) -> bool:
     """``nn.GELU`` or a class named for it (Hugging Face ``GELUActivation``)."""
     return isinstance(mod, nn.GELU) or "GELU" in type(mod).__name__
@@ -63,11 +102,10 @@ def down_projections(model: nn.Module) -> set[int]:
     """Linears that are the down half of an up/down pair (3072 -> 768 when some
     Linear maps 768 -> 3072): the FFN output projections, found by shape."""
     # LoRA's low-rank factors (d -> r, r -> d) are not an FFN pair: PEFT names them lora_*
-    linears = [m for n, m in iter_modules(model)
-               if isinstance(m, nn.Linear) and ".lora_" not in f".{n}"]
-    ups = {(m.in_features, m.out_features) for m in linears if m.out_features > m.in_features}
-    return {id(m) for m in linears
-            if m.in_features > m.out_features and (m.out_features, m.in_features) in ups}
+    dims = {id(m): d for n, m in iter_modules(model)
+            if (d := linear_dims(m)) is not None and ".lora_" not in f".{n}"}
+    ups = {(i, o) for i, o in dims.values() if o > i}
+    return {k for k, (i, o) in dims.items() if i > o and (o, i) in ups}
 
 
 def detect_kinds(model: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
@@ -84,11 +122,13 @@ def detect_kinds(model: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
     for name, mod in iter_modules(model):
         if is_attention(mod):
             found["attention"].append((name, mod))
+        elif is_gated_mlp(mod):
+            found["mlp"].append((name, mod))
         elif is_gelu(mod):
             found["gelu"].append((name, mod))
-        elif isinstance(mod, nn.LayerNorm):
+        elif is_norm(mod):
             found["layernorm"].append((name, mod))
-        elif isinstance(mod, nn.Linear):
+        elif linear_dims(mod) is not None:
             found["ffn_down_input" if id(mod) in down else "linear_input"].append((name, mod))
         elif isinstance(mod, nn.Dropout):
             found["dropout_mask"].append((name, mod))

@@ -74,11 +74,16 @@ class SavedTensorTracker:
         True
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, top: int = 0):
         self.model = model
         self.peak = 0
         self.live = 0
         self.peak_by_module: dict[str, int] = {}
+        #: with ``top``: the largest storages live at the peak, ``(bytes, module,
+        #: shape, dtype)`` of the tensor that first saved each, largest first
+        self.peak_tensors: list[tuple[int, str, tuple, str]] = []
+        self._top = top
+        self._meta: dict[Any, tuple[tuple, str]] = {}
         self._refs: dict[Any, int] = {}
         self._sizes: dict[Any, int] = {}
         self._owner: dict[Any, str] = {}
@@ -149,6 +154,8 @@ class SavedTensorTracker:
             owner = self._stack[-1] if self._stack else ROOT_NAME
             self._sizes[key] = nbytes
             self._owner[key] = owner
+            if self._top:
+                self._meta[key] = (tuple(t.shape), str(t.dtype).removeprefix("torch."))
             self.live += nbytes
             self._live_by_module[owner] += nbytes
             if self.live > self.peak:
@@ -167,15 +174,22 @@ class SavedTensorTracker:
             self._refs[key] = n
             return
         if self._snapshot_due:  # the live set is at its peak: remember its split
-            self.peak_by_module = {k: v for k, v in self._live_by_module.items() if v}
-            self._snapshot_due = False
+            self._snapshot()
         self._refs.pop(key, None)
+        self._meta.pop(key, None)
         nbytes = self._sizes.pop(key, 0)
         self.live -= nbytes
         self._live_by_module[self._owner.pop(key, ROOT_NAME)] -= nbytes
 
+    def _snapshot(self) -> None:
+        self.peak_by_module = {k: v for k, v in self._live_by_module.items() if v}
+        if self._top:  # cost: a sort of the live storages, at each new peak only
+            keys = sorted(self._sizes, key=self._sizes.__getitem__, reverse=True)[:self._top]
+            self.peak_tensors = [(self._sizes[k], self._owner[k], *self._meta.get(k, ((), "?")))
+                                 for k in keys]
+        self._snapshot_due = False
+
     def finalize(self) -> None:
-        """Freeze ``peak_by_module`` if the peak was never followed by a release."""
+        """Freeze the peak's split if the peak was never followed by a release."""
         if self._snapshot_due:
-            self.peak_by_module = {k: v for k, v in self._live_by_module.items() if v}
-            self._snapshot_due = False
+            self._snapshot()

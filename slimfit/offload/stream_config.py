@@ -70,24 +70,26 @@ class StreamConfig:
 
 
 def default_stream_units(model: nn.Module) -> list[str]:
-    """Names of the blocks of the longest ``nn.ModuleList``/``nn.Sequential`` whose
-    children share one type and hold parameters (transformer layers).
+    """Names of the transformer blocks of ``model``: the blocks of its longest
+    ``nn.ModuleList``/``nn.Sequential`` whose children share one type and hold
+    parameters, and of every other such list as long (an encoder-decoder's two
+    stacks: T5's ``encoder.block`` and ``decoder.block``), in model order.
 
     Example:
         >>> m = nn.Sequential(nn.Linear(2, 2), nn.ModuleList([nn.Linear(2, 2) for _ in range(3)]))
         >>> default_stream_units(m)
         ['1.0', '1.1', '1.2']
     """
-    best: list[str] = []
+    lists: list[list[str]] = []
     for name, mod in iter_modules(model, lambda m, _n: isinstance(m, (nn.ModuleList, nn.Sequential))):
         kids = list(mod.named_children())
         if len(kids) < 2 or len({type(c) for _, c in kids}) != 1:
             continue
         if not any(True for _ in kids[0][1].parameters()):
             continue
-        if len(kids) > len(best):
-            best = [f"{name}.{k}" if name else k for k, _ in kids]
-    return best
+        lists.append([f"{name}.{k}" if name else k for k, _ in kids])
+    longest = max((len(b) for b in lists), default=0)
+    return [n for blocks in lists if len(blocks) == longest for n in blocks]
 
 
 def select_stream_units(model: nn.Module, units: Pattern | None = None

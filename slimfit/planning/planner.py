@@ -113,11 +113,15 @@ def _config(knobs: _Knobs, base: SessionConfig, resident: int = 2) -> SessionCon
     if knobs.stream_weights:
         stream = dataclasses.replace(base.stream or StreamConfig(), resident=resident,
                                      prefetch=min(2, resident - 1))
+    # a user who releases frozen units' state keeps releasing it (nothing left to offload)
+    release = base.optimizer_state == "release"
     return dataclasses.replace(
         base, freezing=dataclasses.replace(base.freezing or SlimFitConfig(),
                                            freeze_rate=knobs.freeze_rate),
         compression=(base.compression or CompressionConfig()) if knobs.compression else None,
-        offload_optimizer_state=knobs.offload_optimizer_state,
+        offload_optimizer_state=knobs.offload_optimizer_state and not release,
+        optimizer_state="release" if release else
+        "host" if knobs.offload_optimizer_state else "device",
         offload_activations=knobs.offload_activations, stream=stream)
 
 
