@@ -34,11 +34,13 @@ RUNS = (("full", "full"), ("slimfit", "r090"), ("slimfit_compress", "r090_compre
 
 def study_gaps(arm: str = "slimfit") -> str:
     """The fidelity study's paired gaps of ``arm`` (r=0.9 + compression at the
-    defaults) to full fine-tuning at 3 epochs, per task, from its results file."""
+    defaults) to full fine-tuning at 3 epochs, per task, from its results file.
+    The policy study's tasks are left out: they are reported, with their test
+    split, by ``fidelity --report``."""
     runs = fidelity.load()
     acc = {(r["task"], r["arm"], r["seed"]): r["val_acc"] for r in runs}
     lines = []
-    for task in fidelity.TASKS:
+    for task in (t for t in fidelity.TASKS if t not in fidelity.POLICY_TASKS):
         gaps = [100 * (v - acc[(t, "full", s)]) for (t, a, s), v in acc.items()
                 if t == task and a == arm and (t, "full", s) in acc]
         if gaps:
