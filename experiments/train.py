@@ -136,7 +136,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     rate = float(slimfit.freezer.config.freeze_rate) if slimfit else 0.0
     compression = bool(slimfit and slimfit.session.config.compression is not None)
     results = {
-        "task": cfg.data.task, "model": _choice("model", cfg.model._target_),
+        "task": cfg.data.get("task") or cfg.data.get("corpus"),
+        "model": _choice("model", cfg.model._target_),
         # how attention ran: HF attn_implementation, or timm's fused/eager switch
         "attention": cfg.model.get("attn_implementation") or (
             "eager" if cfg.model.get("eager_attention") else "fused"),
@@ -150,9 +151,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         # every freezing option the run used (score, heads, staleness ...), as run
         "freezing": (dataclasses.asdict(slimfit.session.config.freezing) if slimfit else None),
         "steps": int(trainer.global_step), "batch_size": int(cfg.data.batch_size),
-        "train_size": len(datamodule.splits.train_y), "val_size": len(datamodule.splits.val_y),
-        "val_acc": task.last_val_acc,
-        "test_acc": task.last_test_acc, "test_size": len(datamodule.splits.test_y),
+        "train_size": len(datamodule.train_set), "val_size": len(datamodule.val_set),
+        "val_acc": task.last_val_acc, "val_loss": getattr(task, "last_val_loss", None),
+        "test_acc": task.last_test_acc,
+        "test_size": len(getattr(datamodule, "test_set", None) or ()),
         "step_time_s": timer.median if timer else None,
         "memory": ({k.split("/")[-1]: v for k, v in report.scalars().items()} if report else None),
         "memory_files": {k: str(v) for k, v in (mon.files.items() if mon else [])},
