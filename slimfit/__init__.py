@@ -13,7 +13,7 @@ from slimfit import _aliases
 from slimfit.compression import ActivationCompressor, CompressionConfig, Treatment
 from slimfit.driver import SessionDriver
 from slimfit.errors import (CheckpointMismatchError, LedgerError, NonFiniteError, OptionTypeError,
-                            SelectionError, ShortBudgetWarning, SlimFitError,
+                            RanksDivergedError, SelectionError, ShortBudgetWarning, SlimFitError,
                             UnsupportedSetupError)
 from slimfit.freezing import LayerFreezer, SlimFitConfig, preview
 from slimfit.loss import ChunkedLMLoss, chunked_cross_entropy
@@ -34,7 +34,7 @@ __all__ = [
     "ChunkedLMLoss", "chunked_cross_entropy",
     "CompressionConfig", "LayerFreezer", "LedgerError", "MeasuredStep", "MemoryReport",
     "NonFiniteError", "OptimizerStateOffloader", "OptionTypeError", "Part", "Plan",
-    "SelectionError", "SessionConfig", "SessionDriver", "ShortBudgetWarning", "SlimFitConfig",
+    "RanksDivergedError", "SelectionError", "SessionConfig", "SessionDriver", "ShortBudgetWarning", "SlimFitConfig",
     "SlimFitError", "SlimFitSession", "StreamConfig", "Treatment", "UnsupportedSetupError",
     "WeightStreamer", "format_bytes", "measure_step", "parse_budget", "plan_for_budget", "preview",
 ]

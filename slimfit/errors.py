@@ -8,7 +8,8 @@ ordinary bad-value errors they are.
 from __future__ import annotations
 
 __all__ = ["SlimFitError", "SelectionError", "CheckpointMismatchError", "UnsupportedSetupError",
-           "LedgerError", "NonFiniteError", "OptionTypeError", "ShortBudgetWarning"]
+           "LedgerError", "NonFiniteError", "OptionTypeError", "RanksDivergedError",
+           "ShortBudgetWarning"]
 
 
 class SlimFitError(ValueError):
@@ -33,6 +34,11 @@ class LedgerError(SlimFitError):
 
 class NonFiniteError(SlimFitError):
     """A training step's loss or scores were NaN/inf (``on_nonfinite="raise"``)."""
+
+
+class RanksDivergedError(SlimFitError):
+    """The ranks of a multi-process run froze different units in one step: their
+    weights would drift apart without any other error."""
 
 
 class OptionTypeError(SlimFitError, TypeError):

@@ -39,7 +39,7 @@ from torch import nn
 
 from slimfit.compression.compressor import ActivationCompressor
 from slimfit.compression.frozen_conv import FrozenConvRouter
-from slimfit.distributed import agree
+from slimfit.distributed import agree, check_same_frozen, check_same_units, world_size
 from slimfit.errors import CheckpointMismatchError, SlimFitError
 from slimfit.freezing.freezer import LayerFreezer
 from slimfit.loss.head import ChunkedLMLoss
@@ -137,6 +137,9 @@ class SlimFitSession:
         if not isinstance(opt, torch.optim.Optimizer):
             raise SlimFitError(f"start() needs a torch.optim.Optimizer, got {optimizer!r}.")
         self.optimizer = opt
+        if self.freezer is not None:  # tensors replaced since (FSDP2): found again by name
+            self.freezer.resolve(self.model)
+            check_same_units([u.name for u in self.freezer.units])
         ctx = Context(self.model, opt, tuple(self.units))
         for p in self.parts:
             p.attach(ctx)
@@ -172,6 +175,8 @@ class SlimFitSession:
         self.steps += 1
         for p in self.parts:
             p.on_step_start(self._step)
+        if self.freezer is not None and world_size() > 1:
+            check_same_frozen(self._step.index, self.freezer.frozen_names())
         return frozen
 
     def record_loss(self, loss: torch.Tensor) -> None:

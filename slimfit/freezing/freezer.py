@@ -25,6 +25,7 @@ scheduler), with one warning per freezer or a :class:`NonFiniteError`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import pathlib
 import statistics
@@ -35,7 +36,7 @@ import torch
 from torch import nn
 
 from slimfit.freezing.config import SlimFitConfig
-from slimfit.errors import CheckpointMismatchError, NonFiniteError, SlimFitError
+from slimfit.errors import CheckpointMismatchError, NonFiniteError, SelectionError, SlimFitError
 from slimfit.freezing.heads import HeadReport, without_new_heads
 from slimfit.freezing.history import FreezeHistory
 from slimfit.freezing.policies import make_policy
@@ -91,8 +92,7 @@ class LayerFreezer(Part):
         trained = 1.0 - c.freeze_rate if c.trained_units is None else (t - self.num_frozen) / t
         self.lr_scale = c.lr_scale(trained)  # the step factor of trained units
         # embedding tables: scored over the rows the step used (slimfit.freezing.scores)
-        self._tables = {id(m.weight) for m in model.modules()
-                        if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
+        self._tables = _embedding_tables(model)
         self.nonfinite_steps: list[int] = []  # steps whose loss or scores were NaN/inf
         self._warned_nonfinite = False
         self.history = FreezeHistory(self.names)
@@ -141,6 +141,36 @@ class LayerFreezer(Part):
         files["summary"].write_text(self.summary() + "\n")
         return files
 
+    def resolve(self, model: nn.Module) -> None:
+        """Find each unit's tensors again by name in ``model``.
+
+        A wrapper that replaces Parameter objects after the freezer was built
+        (FSDP2's ``fully_shard`` turns each into a DTensor parameter) would
+        leave the freezer toggling dead tensors; the session calls this at
+        ``start``. One ``named_parameters`` walk; nothing changes when every
+        tensor is still the model's own.
+
+        Raises:
+            SelectionError: a unit's tensor is no longer in ``model`` under its
+                name (the model was wrapped under a new prefix: build the
+                session on the module the names refer to).
+        """
+        named = dict(model.named_parameters())
+        if all(named.get(n) is p for u in self.units for n, p in zip(u.param_names, u.params)):
+            return
+        lost = [n for u in self.units for n in u.param_names if n not in named]
+        if lost:
+            raise SelectionError(
+                f"{len(lost)} SlimFit tensors are no longer in the model under their names "
+                f"(e.g. {lost[:3]}); the model was wrapped or changed after the session was "
+                "built. Build SlimFitSession (or start the run) on the module whose "
+                "parameter names these are, after sharding.")
+        units = tuple(dataclasses.replace(u, params=tuple(named[n] for n in u.param_names))
+                      for u in self.units)
+        self.selection = dataclasses.replace(self.selection, units=units)
+        self.units = units
+        self._tables = _embedding_tables(model)
+
     def parameters(self) -> list[nn.Parameter]:
         """Every candidate parameter (identity-tracked)."""
         return [p for u in self.units for p in u.params]
@@ -163,6 +193,10 @@ class LayerFreezer(Part):
                 if not train:
                     p.grad = None  # a stale grad would let the optimizer move it
         self.frozen = sorted(fz)
+
+    def frozen_names(self) -> list[str]:
+        """The units frozen in the model now (no tensor requiring grad), by name."""
+        return [u.name for u in self.units if not any(p.requires_grad for p in u.params)]
 
     def snapshot(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Snapshot the trained units (call after backward, before ``step``).
@@ -364,6 +398,11 @@ def preview(model: nn.Module, config: SlimFitConfig | None = None,
     taken = set(matched) | set(heads)
     return {"units": list(freezer.names), "matched": matched, "heads": heads,
             "unmatched": [n for n, _, _ in iter_parameters(model) if n not in taken]}
+
+
+def _embedding_tables(model: nn.Module) -> set[int]:
+    """ids of the embedding tables' weights (scored over the rows a step used)."""
+    return {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
 
 
 def _loss_flag(loss: torch.Tensor | float | None) -> torch.Tensor | bool | None:

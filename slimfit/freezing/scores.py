@@ -67,6 +67,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from slimfit.errors import SlimFitError
+from slimfit.storage import local
 
 __all__ = ["SCORES", "Measurement", "WeightSnapshot"]
 
@@ -106,8 +107,9 @@ def _row_norm(t: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
 
 
 def _used_rows(p: torch.Tensor) -> torch.Tensor:
-    """(rows,) bool: rows of ``p`` with a non-zero gradient."""
-    g = p.grad
+    """(rows,) bool: rows of ``p`` (this rank's shard) with a non-zero gradient."""
+    g = None if p.grad is None else local(p.grad)
+    p = local(p)
     if g is None:
         return torch.zeros(p.shape[0], dtype=torch.bool, device=p.device)
     if g.is_sparse:  # nn.Embedding(sparse=True)
@@ -117,8 +119,9 @@ def _used_rows(p: torch.Tensor) -> torch.Tensor:
 
 
 def _grad_norms(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Per-parameter gradient L2 norms (fp32, on the device; 0 without a gradient)."""
-    dense = [p.grad for p in params if p.grad is not None and not p.grad.is_sparse]
+    """Per-parameter gradient L2 norms (fp32, on the device; 0 without a gradient;
+    of this rank's shard for a sharded parameter)."""
+    dense = [local(p.grad) for p in params if p.grad is not None and not p.grad.is_sparse]
     it = iter(_norms(dense))
     out = []
     for p in params:
@@ -165,6 +168,9 @@ class WeightSnapshot:
                                f"got {score!r}.")
         self.score, self.eps = score, eps
         self._params = [p for u in units for p in u]
+        self._local = [local(p) for p in self._params]  # FSDP2: this rank's shard of each
+        self._group = next((p.device_mesh.get_group() for p, q in zip(self._params, self._local)
+                            if q is not p), None)  # sharded: per-tensor sums all-reduced
         self._sizes = [len(u) for u in units]
         sparse = {id(p) for p in row_sparse}
         # Rows used this step, (rows,) bool per table; None for dense tensors.
@@ -173,7 +179,7 @@ class WeightSnapshot:
         with torch.no_grad():
             if score in _UPDATE_SCORES or keep_weights:
                 # Memory: one copy of the trained units only (~(1 - r) of the weights).
-                self._old = torch._foreach_mul([p.detach() for p in self._params], 1.0) \
+                self._old = torch._foreach_mul([p.detach() for p in self._local], 1.0) \
                     if self._params else []
                 self._gnorm = []
             if score not in _UPDATE_SCORES:  # gradient scores: their norms, before the step
@@ -188,7 +194,7 @@ class WeightSnapshot:
         if self._params and len(self._old) != len(self._params):
             raise SlimFitError("scale_update() needs a snapshot built with keep_weights=True.")
         with torch.no_grad():
-            live = [p.detach() for p in self._params]
+            live = [p.detach() for p in self._local]
             torch._foreach_sub_(live, self._old)
             torch._foreach_mul_(live, factor)
             torch._foreach_add_(live, self._old)
@@ -218,6 +224,8 @@ class WeightSnapshot:
             return Measurement([], ok)
         with torch.no_grad():
             vals = self._device_values()
+            if self._group is not None:
+                vals = self._all_reduce(vals)
         dev = vals[0][0].device
         cols = [torch.stack([v.to(dev, torch.float32) for v in col]) for col in vals]
         if flag is not None:
@@ -233,9 +241,22 @@ class WeightSnapshot:
         """Per-unit scores since the snapshot (one host sync); see :meth:`measure`."""
         return self.measure().scores
 
+    def _all_reduce(self, vals: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+        """Whole-tensor values from the shards' (FSDP2): every rank then holds the
+        same scores. Sums (the paper's L1, row counts) add up; L2 norms add up
+        as squares. One collective per step, over the stacked values."""
+        l2 = [False] if self.score == "paper" else [True, True] + [False] * (len(vals) - 2)
+        flat = torch.stack([v.to(torch.float32) ** 2 if sq else v.to(torch.float32)
+                            for col, sq in zip(vals, l2) for v in col])
+        torch.distributed.all_reduce(flat, group=self._group)
+        n = len(self._params)
+        return [[flat[c * n + i].sqrt() if sq else flat[c * n + i] for i in range(n)]
+                for c, sq in enumerate(l2)]
+
     def _device_values(self) -> list[list[torch.Tensor]]:
-        """Per-tensor 0-d device values, one list per quantity (no sync)."""
-        new = [p.detach() for p in self._params]
+        """Per-tensor 0-d device values, one list per quantity (no sync; of this
+        rank's shard for a sharded parameter)."""
+        new = [p.detach() for p in self._local]
         if self.score == "paper":
             # Transient: |W_new - W_old| for the trained tensors, then in-place ops.
             delta = torch._foreach_sub(new, self._old)

@@ -23,7 +23,7 @@ from torch import nn
 from slimfit.errors import LedgerError
 from slimfit.hooks import top_saved_tensors_hooks
 from slimfit.memory.report import ROOT_NAME, report_modules
-from slimfit.storage import storage_identity, storage_key
+from slimfit.storage import is_parameter_or_view, storage_identity, storage_key
 
 __all__ = ["SavedTensorTracker"]
 
@@ -145,7 +145,10 @@ class SavedTensorTracker:
     def _pack(self, t: torch.Tensor) -> Any:
         packed = self._outer[0](t) if self._outer else t
         sid = storage_identity(t)
-        if sid in self._excluded or not torch.is_tensor(packed) or storage_identity(packed) != sid:
+        # a parameter saved by reference costs nothing new: among them FSDP2's unsharded
+        # (all-gathered) weights, which are parameters while their module runs
+        if sid in self._excluded or is_parameter_or_view(t) or not torch.is_tensor(packed) \
+                or storage_identity(packed) != sid:
             return _Passed(packed.detach() if packed is t else packed)
         key, nbytes = storage_key(t)
         n = self._refs.get(key, 0)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from slimfit.parts import Context, MemoryAdjustment, Part, Step
-from slimfit.storage import storage_key
+from slimfit.storage import local, storage_key
 
 __all__ = ["OptimizerStateOffloader"]
 
@@ -143,7 +143,7 @@ class OptimizerStateOffloader(Part):
             state = self.optimizer.state.pop(p, None)
             for v in (state or {}).values():
                 if torch.is_tensor(v):
-                    self.bytes_released += v.numel() * v.element_size()
+                    self.bytes_released += local(v).numel() * v.element_size()
 
     # -- moving one unit --------------------------------------------------------
     def _move_unit(self, i: int, to_host: bool) -> None:
@@ -157,6 +157,9 @@ class OptimizerStateOffloader(Part):
         (self.offloaded_units.add if to_host else self.offloaded_units.discard)(i)
 
     def _to_host(self, v: torch.Tensor) -> torch.Tensor:
+        if local(v) is not v:  # FSDP2: this rank's shard moves inside its DTensor (layout,
+            local(v).data = self._to_host(local(v))  # identity and checkpoint format kept)
+            return v
         host = torch.empty(v.shape, dtype=v.dtype, device="cpu", pin_memory=self.pin_memory)
         if v.is_cuda:
             # D2H on the side stream after the step that last wrote v; the
@@ -173,6 +176,9 @@ class OptimizerStateOffloader(Part):
         return host
 
     def _to_device(self, host: torch.Tensor, device: torch.device) -> torch.Tensor:
+        if local(host) is not host:
+            local(host).data = self._to_device(local(host), device)
+            return host
         self._host_keys.discard(storage_key(host)[0])
         self.bytes_moved += host.numel() * host.element_size()
         if device.type == "cuda":
@@ -190,5 +196,6 @@ class OptimizerStateOffloader(Part):
             for p in self.units[i]:
                 for v in self.optimizer.state.get(p, {}).values():
                     if torch.is_tensor(v) and v.numel() > 1:
-                        total += v.numel() * v.element_size()
+                        total += local(v).numel() * v.element_size()
         return total
+
