@@ -16,21 +16,46 @@ from lightning.pytorch.utilities import rank_zero_info
 import slimfit
 from slimfit import UnsupportedSetupError
 
-__all__ = ["check_fit_start", "check_single_process", "check_strategy", "loss_of", "output_dir"]
+__all__ = ["check_fit_start", "check_fsdp2", "check_single_process", "check_strategy", "is_fsdp2",
+           "loss_of", "output_dir"]
 
-_SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAStrategy",
-            "SingleDeviceXLAStrategy")
+#: strategies refused, with the reason and the supported alternative
+_REFUSED = {
+    "FSDPStrategy": (
+        "FSDP1 either fails when frozen and trained tensors share a wrapped unit "
+        "(use_orig_params=False: 'FlatParameter requires uniform requires_grad') or trains but "
+        "saves no gradient memory (use_orig_params=True, pytorch #104690)"),
+    "DeepSpeedStrategy": (
+        "DeepSpeed ZeRO fixes the trainable set at initialize (DeepSpeed #5639), so per-step "
+        "freezing would not apply"),
+    "XLAStrategy": "XLA compiles one graph, so a trainable set that changes every step "
+                   "recompiles every step",
+}
+_REFUSED["SingleDeviceXLAStrategy"] = _REFUSED["XLAStrategy"]
+_FSDP2 = ("ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1) with fully_shard "
+          "applied in configure_model (FSDP2; docs/multi-node.md)")
+
+
+def is_fsdp2(strategy: Any) -> bool:
+    """Lightning's ``ModelParallelStrategy``: the model is sharded with FSDP2 in
+    ``configure_model``, so SlimFit resolves its tensors after that, at train start."""
+    return type(strategy).__name__ == "ModelParallelStrategy"
 
 
 def check_strategy(strategy: Any) -> None:
     """Raise :class:`UnsupportedSetupError` unless per-step freezing is correct under it."""
     name = type(strategy).__name__
-    if name in _SHARDED or not isinstance(strategy, (DDPStrategy, SingleDeviceStrategy)):
+    if name in _REFUSED:
         raise UnsupportedSetupError(
-            f"SlimFit does not support strategy {name}: sharded strategies fix the trainable set "
-            "at initialisation (DeepSpeed) or need uniform requires_grad per unit (FSDP), so "
-            "per-step freezing would fail or save nothing. Use a single device or "
-            "strategy='ddp_find_unused_parameters_true'.")
+            f"SlimFit does not support strategy {name}: {_REFUSED[name]}. Use {_FSDP2}, or "
+            "DDP with strategy='ddp_find_unused_parameters_true'.")
+    if is_fsdp2(strategy):
+        return
+    if not isinstance(strategy, (DDPStrategy, SingleDeviceStrategy)):
+        raise UnsupportedSetupError(
+            f"SlimFit does not support strategy {name} (untested: freezing is only correct where "
+            f"every replica applies the same trainable set). Use a single device, DDP with "
+            f"strategy='ddp_find_unused_parameters_true', or {_FSDP2}.")
     if isinstance(strategy, DDPStrategy):
         kw = getattr(strategy, "_ddp_kwargs", {})
         if not kw.get("find_unused_parameters", False):
@@ -71,6 +96,29 @@ def check_fit_start(pl_module: Any, optimizers: Sequence[Any], units: Sequence[A
             f"SlimFit candidate(s) {frozen[:3]} were frozen when the strategy wrapped the "
             "model; under DDP they would train unsynchronised. Do not freeze parameters "
             "between setup and fit start, or exclude them from SlimFit.")
+
+
+def check_fsdp2(strategy: Any, units: Sequence[Any]) -> None:
+    """Under ``ModelParallelStrategy`` at train start: data parallelism only, and
+    every candidate sharded by ``fully_shard`` (the strategy itself does not
+    synchronise anything else: an unsharded tensor would train apart on each rank)."""
+    mesh = strategy.device_mesh
+    tp = mesh["tensor_parallel"].size() if "tensor_parallel" in (mesh.mesh_dim_names or ()) else 1
+    if tp > 1:
+        raise UnsupportedSetupError(
+            f"SlimFit under ModelParallelStrategy supports data parallelism (FSDP2) only, got "
+            f"tensor_parallel_size={tp}: a tensor-parallel layer's shards would need one "
+            "freezing decision per layer across the tensor-parallel group, which SlimFit does "
+            "not coordinate. Use ModelParallelStrategy(data_parallel_size=N, "
+            "tensor_parallel_size=1).")
+    if strategy.world_size > 1:
+        plain = [u.name for u in units if not all(type(p).__name__ == "DTensor" for p in u.params)]
+        if plain:
+            raise UnsupportedSetupError(
+                f"{len(plain)} SlimFit candidate(s) are not sharded (e.g. {plain[:3]}): under "
+                "ModelParallelStrategy only what fully_shard sharded is synchronised, so these "
+                "would train apart on each rank. Apply fully_shard to the blocks and the whole "
+                "model in configure_model (docs/multi-node.md), or exclude them from SlimFit.")
 
 
 def check_single_process(world_size: int, feature: str) -> None:

@@ -13,8 +13,9 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
-from slimfit.callbacks.checks import (check_fit_start, check_single_process, check_strategy,
-                                      loss_of, output_dir)
+from slimfit.callbacks.checks import (check_fit_start, check_fsdp2, check_single_process,
+                                      check_strategy, is_fsdp2, loss_of, output_dir)
+from slimfit.callbacks.sharded import load_only_saved_optimizer_state
 from slimfit import SessionDriver
 
 __all__ = ["SlimFit"]
@@ -65,9 +66,24 @@ class SlimFit(pl.Callback):
     def setup(self, trainer, pl_module, stage):
         if stage == "fit":
             check_strategy(trainer.strategy)
-            self.driver.setup(pl_module)
+            if not is_fsdp2(trainer.strategy):
+                self.driver.setup(pl_module)
+            else:  # units that never trained have no optimizer state to restore
+                load_only_saved_optimizer_state(trainer.strategy, pl_module)
 
     def on_fit_start(self, trainer, pl_module):
+        if not is_fsdp2(trainer.strategy):
+            self._start(trainer, pl_module)
+
+    def on_train_start(self, trainer, pl_module):
+        # FSDP2: fully_shard ran in configure_model and a checkpoint's state is loaded
+        # after on_fit_start, so the session is built on the sharded tensors here
+        if is_fsdp2(trainer.strategy):
+            self.driver.setup(pl_module)
+            check_fsdp2(trainer.strategy, self.session.units)
+            self._start(trainer, pl_module)
+
+    def _start(self, trainer, pl_module):
         if self.session_config.stream is not None:
             check_single_process(trainer.world_size, "weight streaming")
         check_fit_start(pl_module, trainer.optimizers, self.session.units)

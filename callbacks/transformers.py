@@ -128,10 +128,12 @@ def _check_setup(args) -> None:
             "(torchrun, no deepspeed=) or FSDP2 with Lightning's ModelParallelStrategy.")
     if getattr(args, "fsdp", None):
         raise UnsupportedSetupError(
-            "SlimFitTrainerCallback does not run under accelerate's FSDP: FSDP1 with "
-            "use_orig_params saves no gradient memory for frozen tensors (pytorch #104690), and "
-            "accelerate's FSDP2 path is not supported by this callback yet. Use DDP (torchrun), or "
-            "Lightning's ModelParallelStrategy with slimfit.callbacks.SlimFit.")
+            f"SlimFitTrainerCallback refuses accelerate's FSDP (fsdp={args.fsdp!r}): FSDP1 either "
+            "fails on mixed requires_grad or saves no gradient memory (pytorch #104690), and "
+            "accelerate's FSDP2 preparation (parameters re-created from a full state dict, "
+            "optimizer groups switched) has not been verified with per-step freezing, so a run "
+            "could be silently wrong. Use DDP (torchrun, no fsdp=), or FSDP2 through Lightning's "
+            "ModelParallelStrategy with slimfit.callbacks.SlimFit (docs/multi-node.md).")
     if world_size() > 1 and args.ddp_find_unused_parameters is False:
         raise UnsupportedSetupError(
             "SlimFit under DDP needs find_unused_parameters=True (frozen layers produce no "
