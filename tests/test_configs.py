@@ -69,6 +69,10 @@ EXTRA = {
                                             "data.num_labels=2", "data.image_size=32",
                                             "model=vit_tiny", "data.batch_size=4"],
     "bert_base_memory": lambda tmp: ["model=bert_tiny", "data.max_len=16"],
+    # the planner on the real MiniLM calibrates for ~70 s here; test_planner covers it
+    "movie_budget": lambda tmp: ["model=bert_tiny"],
+    # the study's data and settings; the real MiniLM is loaded by the demo and movie_* here
+    **{f"fidelity_{t}": (lambda tmp: ["model=bert_tiny"]) for t in ("bbc", "movie", "sms", "trec")},
 }
 
 

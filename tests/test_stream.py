@@ -248,7 +248,7 @@ def test_callback_refuses_streaming_under_ddp():
         sf = SlimFit(stream_weights=True)
     with pytest.raises(UnsupportedSetupError, match="weight streaming runs in one process; this "
                                                     "run has 2"):
-        sf.on_fit_start(types.SimpleNamespace(world_size=2), models.hf_bert())
+        sf.on_fit_start(types.SimpleNamespace(world_size=2, strategy=None), models.hf_bert())
 
 
 def _nullcontext():
