@@ -136,6 +136,11 @@ for _pol, _ks in (("lisa", (5, 50)), ("badam", (10, 100))):
     ARMS[_pol] = Arm(_SLIMFIT.variant(_pol, policy=_pol))
     for _k in _ks:
         ARMS[f"{_pol}-k{_k}"] = Arm(_SLIMFIT.variant(f"{_pol}-k{_k}", policy=_pol, interval=_k))
+    # at the score policy's learning-rate rule ((1 - r) ** -0.5 for the trained units;
+    # "auto" is 1 under LISA and BAdam, as their papers train): seed 0 showed both
+    # stuck at the majority class on TREC's 50 classes at 1x
+    ARMS[f"{_pol}-lrx"] = Arm(_SLIMFIT.variant(f"{_pol}-lrx", policy=_pol,
+                                               trained_lr_scale=round(0.1 ** -0.5, 4)))
 for _pol in ("slimfit", "lisa", "badam"):
     _r = ARMS[_pol].run
     _s = dataclasses.replace(_r.session, optimizer_state="release")
@@ -174,6 +179,7 @@ GROUPS = {
     "policies": (POLICY_TASKS, ("full", "slimfit", "lisa", "badam", "lora"), SEEDS),
     "policies-k": (POLICY_TASKS, ("lisa-k5", "lisa-k50", "badam-k10", "badam-k100"), (0,)),
     "policies-state": (POLICY_TASKS, ("slimfit-release", "lisa-release", "badam-release"), (0,)),
+    "policies-lr": (POLICY_TASKS, ("lisa-lrx", "badam-lrx"), (0,)),
 }
 
 
