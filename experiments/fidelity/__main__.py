@@ -7,7 +7,7 @@ import argparse
 import time
 
 from slimfit.experiments import fidelity
-from slimfit.experiments.fidelity import evidence
+from slimfit.experiments.fidelity import evidence, policies
 from slimfit.experiments.fidelity.arms import ARMS, GROUPS, TASKS
 from slimfit.experiments.fidelity.report import lr_sweep, plot, report
 from slimfit.experiments.fidelity.runner import load, queue, run_one
@@ -23,6 +23,8 @@ def main(argv=None) -> None:
     ap.add_argument("--report", action="store_true", help="print the paired-gap table and exit")
     ap.add_argument("--plot", metavar="PNG", help="with --report: also write the accuracy-vs-"
                                                   "memory frontier of the movie task there")
+    ap.add_argument("--policy-plot", metavar="PNG", help="with --report: also write the policy "
+                                                         "study's frontier (three tasks) there")
     ap.add_argument("--evidence", action="store_true",
                     help=f"write the figures the library reads to {evidence.EVIDENCE} and exit")
     args = ap.parse_args(argv)
@@ -37,6 +39,11 @@ def main(argv=None) -> None:
             print("\nLearning-rate sweep, movie reviews (3 epochs):\n" + sweep)
         if args.plot:
             print(f"frontier plot: {plot(runs, args.plot)}")
+        pol = policies.report(runs)
+        if pol:
+            print("\nPolicy study (test split; choices on validation):\n" + pol)
+        if args.policy_plot:
+            print(f"policy frontier plot: {policies.plot(runs, args.policy_plot)}")
         return
     done = {r["id"] for r in runs}
     pending = queue(args.groups)
