@@ -171,14 +171,18 @@ def step_table(shape: str, runs: list[str], layers: list[int], batch: int, seq: 
     return lines
 
 
-def validate(family_shape: str = "llama-bert-width", depth: int = 8, batch: int = 2,
-             seq: int = 128) -> list[str]:
-    """Extrapolation from 1 and 2 layers against a real ``depth``-layer model."""
-    lines = [f"### extrapolation check: {family_shape} at {depth} layers, batch {batch} x {seq}\n",
+def validate(family_shape: str = "llama-bert-width", depth: int = 16, batch: int = 2,
+             seq: int = 128, layers: tuple[int, int] = (2, 4)) -> list[str]:
+    """Extrapolation from ``layers`` against a real ``depth``-layer model. From 1
+    and 2 layers it is 4.8% low for SlimFit at depth 8: with so few units the
+    trained set is the embedding and the head whatever the depth, so gradients
+    and activations do not grow yet; from 2 and 4 it is within 0.1%."""
+    lines = [f"### extrapolation check: {family_shape} at {depth} layers from {layers}, "
+             f"batch {batch} x {seq}\n",
              "| run | extrapolated total | measured total | error |", "|---|---:|---:|---:|"]
     for name in ("full", "slimfit"):
         run = DECODER_RUNS[name]
-        est = extrapolate({n: step_bytes(family_shape, run, n, batch, seq) for n in (1, 2)}, depth)
+        est = extrapolate({n: step_bytes(family_shape, run, n, batch, seq) for n in layers}, depth)
         real = step_bytes(family_shape, run, depth, batch, seq)
         err = (est["total"] - real["total"]) / real["total"]
         lines.append(f"| {name} | {format_bytes(est['total'])} | {format_bytes(real['total'])} | "
@@ -197,12 +201,12 @@ def main(argv=None) -> list[str]:
     b = sub.add_parser("step")
     b.add_argument("--shape", default="llama-3.2-1b", choices=list(SHAPES))
     b.add_argument("--runs", nargs="+", default=list(DECODER_RUNS), choices=list(DECODER_RUNS))
-    b.add_argument("--layers", type=int, nargs=2, default=[1, 2])
+    b.add_argument("--layers", type=int, nargs=2, default=[2, 4])
     b.add_argument("--batch", type=int, default=4)
     b.add_argument("--seq", type=int, default=2048)
     v = sub.add_parser("validate")
     v.add_argument("--shape", default="llama-bert-width", choices=list(SHAPES))
-    v.add_argument("--depth", type=int, default=8)
+    v.add_argument("--depth", type=int, default=16)
     args = ap.parse_args(argv)
     if args.what == "saved":
         lines = [ln for shape in args.shapes for ln in saved(shape, args.batch, args.seq) + [""]]
