@@ -175,6 +175,32 @@ class Selection:
     def candidate_names(self) -> list[str]:
         return [u.name for u in self.units]
 
+    def resolved(self, model: nn.Module) -> "Selection":
+        """The same selection with each unit's tensors found again by name in
+        ``model`` (itself when every tensor is still the model's own).
+
+        A wrapper that replaces Parameter objects after the selection was made
+        (FSDP2's ``fully_shard`` turns each into a DTensor parameter) would
+        leave the units pointing at dead tensors. One ``named_parameters`` walk.
+
+        Raises:
+            SelectionError: a unit's tensor is no longer in ``model`` under its
+                name (the model was wrapped under a new prefix).
+        """
+        named = dict(model.named_parameters())
+        if all(named.get(n) is p for u in self.units for n, p in zip(u.param_names, u.params)):
+            return self
+        lost = [n for u in self.units for n in u.param_names if n not in named]
+        if lost:
+            raise SelectionError(
+                f"{len(lost)} SlimFit tensors are no longer in the model under their names "
+                f"(e.g. {lost[:3]}); the model was wrapped or changed after the session was "
+                "built. Build SlimFitSession (or start the run) on the module whose "
+                "parameter names these are, after sharding.")
+        units = tuple(dataclasses.replace(u, params=tuple(named[n] for n in u.param_names))
+                      for u in self.units)
+        return dataclasses.replace(self, units=units)
+
     def __str__(self) -> str:
         n = sum(len(u.param_names) for u in self.units)
         return (f"{len(self.units)} freezable units ({n} tensors); {len(self.always_trained)} "

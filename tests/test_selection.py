@@ -130,3 +130,22 @@ def test_compiled_modules_finds_the_outermost_compiled_module():
     model.classifier.compile()
     assert compiled_modules(model) == ["bert.encoder", "classifier"] and is_compiled(model)
     assert compiled_modules(torch.compile(hf_bert())) == [""]
+
+
+def test_a_selection_is_resolved_again_by_name_after_its_tensors_are_replaced():
+    """As FSDP2's fully_shard does: new Parameter objects under the same names.
+    The freezer must then toggle the new tensors, not the dead ones; a model
+    wrapped under another prefix is refused naming the lost tensors."""
+    from slimfit.freezing.freezer import LayerFreezer
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    freezer = LayerFreezer(model, freeze_rate=0.5, train_new_heads=False)
+    assert freezer.selection.resolved(model) is freezer.selection  # nothing replaced
+    old = model[0].weight
+    model[0].weight = torch.nn.Parameter(old.detach().clone())
+    freezer.resolve(model)
+    assert freezer.units[0].params[0] is model[0].weight
+    freezer.apply([0])
+    assert not model[0].weight.requires_grad and old.requires_grad
+    with pytest.raises(SelectionError, match=r"2 SlimFit tensors are no longer in the model under "
+                                             r"their names \(e.g. \['0.weight', '1.weight'\]\)"):
+        freezer.resolve(torch.nn.Sequential(model))

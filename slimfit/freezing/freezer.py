@@ -25,7 +25,6 @@ scheduler), with one warning per freezer or a :class:`NonFiniteError`.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import pathlib
 import statistics
@@ -36,7 +35,8 @@ import torch
 from torch import nn
 
 from slimfit.freezing.config import SlimFitConfig
-from slimfit.errors import CheckpointMismatchError, NonFiniteError, SelectionError, SlimFitError
+from slimfit.distributed import is_rank_zero
+from slimfit.errors import CheckpointMismatchError, NonFiniteError, SlimFitError
 from slimfit.freezing.heads import HeadReport, without_new_heads
 from slimfit.freezing.history import FreezeHistory
 from slimfit.freezing.policies import make_policy
@@ -142,33 +142,10 @@ class LayerFreezer(Part):
         return files
 
     def resolve(self, model: nn.Module) -> None:
-        """Find each unit's tensors again by name in ``model``.
-
-        A wrapper that replaces Parameter objects after the freezer was built
-        (FSDP2's ``fully_shard`` turns each into a DTensor parameter) would
-        leave the freezer toggling dead tensors; the session calls this at
-        ``start``. One ``named_parameters`` walk; nothing changes when every
-        tensor is still the model's own.
-
-        Raises:
-            SelectionError: a unit's tensor is no longer in ``model`` under its
-                name (the model was wrapped under a new prefix: build the
-                session on the module the names refer to).
-        """
-        named = dict(model.named_parameters())
-        if all(named.get(n) is p for u in self.units for n, p in zip(u.param_names, u.params)):
-            return
-        lost = [n for u in self.units for n in u.param_names if n not in named]
-        if lost:
-            raise SelectionError(
-                f"{len(lost)} SlimFit tensors are no longer in the model under their names "
-                f"(e.g. {lost[:3]}); the model was wrapped or changed after the session was "
-                "built. Build SlimFitSession (or start the run) on the module whose "
-                "parameter names these are, after sharding.")
-        units = tuple(dataclasses.replace(u, params=tuple(named[n] for n in u.param_names))
-                      for u in self.units)
-        self.selection = dataclasses.replace(self.selection, units=units)
-        self.units = units
+        """Find each unit's tensors again by name in ``model`` (the session calls
+        this at ``start``: FSDP2 replaced them since): :meth:`Selection.resolved`."""
+        self.selection = self.selection.resolved(model)
+        self.units = self.selection.units
         self._tables = _embedding_tables(model)
 
     def parameters(self) -> list[nn.Parameter]:
@@ -295,7 +272,7 @@ class LayerFreezer(Part):
                "the learning rate, clip gradients or check the precision")
         if self.config.on_nonfinite == "raise":
             raise NonFiniteError(msg + "; on_nonfinite='warn' trains on instead.")
-        if not self._warned_nonfinite and _rank_zero():
+        if not self._warned_nonfinite and is_rank_zero():
             warnings.warn(msg + "; on_nonfinite='raise' stops at the first such step. Warned "
                           "once: later steps are listed in LayerFreezer.nonfinite_steps.",
                           UserWarning, stacklevel=3)
@@ -414,7 +391,3 @@ def _loss_flag(loss: torch.Tensor | float | None) -> torch.Tensor | bool | None:
         return loss.all() if loss.dtype == torch.bool else torch.isfinite(loss).all()
     return math.isfinite(float(loss))
 
-
-def _rank_zero() -> bool:
-    d = torch.distributed
-    return not (d.is_available() and d.is_initialized()) or d.get_rank() == 0
