@@ -121,3 +121,27 @@ def test_unsupported_setups_are_refused(tmp_path):
             deepspeed = "ds.json"
         from slimfit.callbacks.transformers import _check_setup
         _check_setup(Args())
+
+
+def test_trl_sft_trainer_freezes_exactly_and_frozen_tensors_stay(tmp_path):
+    """TRL's SFTTrainer (a transformers.Trainer) with the same callback, on a
+    pre-tokenized dataset: each step freezes floor(r * units) and frozen
+    tensors are bit-identical across it."""
+    import datasets
+    import trl  # pinned in the test extras: never skipped
+    from transformers import AutoTokenizer
+    from slimfit.experiments.zoo import minilm_path
+    torch.manual_seed(0)
+    model = decoder("llama", layers=2)
+    ids = torch.randint(3, 300, (32, 16), generator=torch.Generator().manual_seed(0)).tolist()
+    sf = SlimFitTrainerCallback(freeze_rate=0.75)
+    stay = FrozenStay(sf)
+    args = trl.SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=4,
+                         learning_rate=1e-2, lr_scheduler_type="constant", report_to=[],
+                         use_cpu=True, seed=0, save_strategy="no", disable_tqdm=True)
+    trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_dict({"input_ids": ids}),
+                   processing_class=AutoTokenizer.from_pretrained(minilm_path()),
+                   callbacks=[sf, stay]).train()
+    k = math.floor(0.75 * len(sf.freezer.units))
+    assert [len(s) for s in sf.freezer.history.frozen_sets()] == [k] * 4
+    assert stay.ok == [True] * 4
