@@ -300,3 +300,18 @@ def test_unit_inputs_record_linears_and_skip_norms_that_save_their_input_anyway(
     assert by_name["0.weight"][1:] == (4 * 8 * 4, True)
     assert by_name["2.weight"][1:] == (4 * 8 * 4, True)
     assert by_name["1.weight"] == (None, 0, False)  # LayerNorm with a trainable bias: static
+
+
+def test_a_plan_keeps_the_users_policy_and_says_its_price_is_the_score_policys():
+    """The planner never switches policy (the policy study found the score policy
+    closest to full fine-tuning); a user's LISA or BAdam survives planning, and
+    the price printed is marked as measured under the score policy."""
+    model, batch = build("bert")
+    loss = lambda: model(**batch).loss  # noqa: E731
+    base = SessionConfig(freezing=SlimFitConfig(policy="lisa", interval=5))
+    plan = plan_for_budget(model, adamw, loss, 1 << 40, base=base, candidates=[cand(0.9)])
+    assert plan.config.freezing.policy == "lisa" and plan.config.freezing.interval == 5
+    assert "measured with policy='slimfit'" in plan.price[1]
+    assert "policy='lisa' further from full fine-tuning" in plan.describe()
+    plain = plan_for_budget(model, adamw, loss, 1 << 40, candidates=[cand(0.9)])
+    assert "measured with policy" not in plain.price[1]

@@ -24,6 +24,13 @@ activation offload are exact and cost only time. So the search is:
    largest k that fits, k' = min(2, k - 1) prefetched), + activation offload
    (CUDA only).
 
+The planner never changes the freezing policy. The policy study (issue 27,
+docs/results.md) found SlimFit's score policy closest to full fine-tuning at
+the same trainable fraction, with LISA and BAdam holding about the same
+memory (they skip the score snapshot of the trained units, a few MiB), so
+no budget is better served by switching; a user's LISA or BAdam is kept, and
+the plan's price says it was measured under the score policy.
+
 ``candidates=[...]`` instead tries a fixed list of :class:`slimfit.session.
 SessionConfig` in the order given (the first that fits), for users who want to
 decide the order themselves. A plan is a ``SessionConfig`` too, named by its
@@ -258,8 +265,13 @@ def plan_for_budget(model: nn.Module, make_optimizer: Callable[[list], torch.opt
 
     def plan(knobs: _Knobs, found: tuple[int | None, dict]) -> Plan:
         k, expected = found
-        return Plan(_config(knobs, base, resident=k or 2), budget_b, expected, tuple(tried),
-                    expected_price(knobs.freeze_rate, knobs.compression))
+        price = expected_price(knobs.freeze_rate, knobs.compression)
+        policy = base.freezing.policy if base.freezing is not None else "slimfit"
+        if policy != "slimfit" and knobs.freeze_rate > 0:  # the prices are the score policy's
+            price = (price[0], f"{price[1]}; measured with policy='slimfit': the policy study "
+                     f"(docs/results.md) found policy={policy!r} further from full fine-tuning "
+                     "at the same rate, so read it as a lower bound")
+        return Plan(_config(knobs, base, resident=k or 2), budget_b, expected, tuple(tried), price)
 
     try:
         if candidates is not None:
