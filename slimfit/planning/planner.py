@@ -28,8 +28,8 @@ The planner never changes the freezing policy. The policy study (issue 27,
 docs/results.md) found SlimFit's score policy closest to full fine-tuning at
 the same trainable fraction, several points ahead, while LISA and BAdam
 saved about a tenth of the ledger total in the study's runs (no score
-snapshot of the trained units); a rate a little higher under the score
-policy saves as much for less, so the planner does not switch policy; a user's LISA or BAdam is kept, and
+snapshot of the trained units), not enough to pay for the accuracy, so the
+planner does not switch policy; a user's LISA or BAdam is kept, and
 the plan's price says it was measured under the score policy.
 
 ``candidates=[...]`` instead tries a fixed list of :class:`slimfit.session.
