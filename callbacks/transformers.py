@@ -59,7 +59,7 @@ class SlimFitTrainerCallback(TrainerCallback):
     freezer = property(lambda self: self.session.freezer if self.session is not None else None)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        _check_setup(args)
+        _check_setup(args, model)
         _put_before_reporters(self)  # so our entries reach every report_to logger
         self.driver.setup(model)
         if state.global_step > 0:  # resumed: the freezing state saved with that checkpoint
@@ -119,7 +119,7 @@ def _first_batch_loss(model, loader):
     return lambda: model(**batch).loss
 
 
-def _check_setup(args) -> None:
+def _check_setup(args, model=None) -> None:
     """Refuse what per-step freezing cannot run correctly under."""
     if getattr(args, "deepspeed", None):
         raise UnsupportedSetupError(
@@ -134,11 +134,26 @@ def _check_setup(args) -> None:
             "optimizer groups switched) has not been verified with per-step freezing, so a run "
             "could be silently wrong. Use DDP (torchrun, no fsdp=), or FSDP2 through Lightning's "
             "ModelParallelStrategy with slimfit.callbacks.SlimFit (docs/multi-node.md).")
-    if world_size() > 1 and args.ddp_find_unused_parameters is False:
+    if world_size() > 1 and _find_unused(args, model) is False:
+        why = ("ddp_find_unused_parameters=False" if args.ddp_find_unused_parameters is False else
+               "gradient_checkpointing=True with ddp_find_unused_parameters unset, which makes "
+               "transformers pass find_unused_parameters=False (TRL's SFTConfig turns "
+               "gradient checkpointing on by default)")
         raise UnsupportedSetupError(
-            "SlimFit under DDP needs find_unused_parameters=True (frozen layers produce no "
-            "gradient); TrainingArguments(ddp_find_unused_parameters=False) makes DDP fail with "
-            "'Expected to have finished reduction'. Leave it None (the default) or set True.")
+            f"SlimFit under DDP needs find_unused_parameters=True (frozen layers produce no "
+            f"gradient); this run has {why}, and DDP would fail with 'Expected to have "
+            "finished reduction'. Set ddp_find_unused_parameters=True (with gradient "
+            "checkpointing, also gradient_checkpointing_kwargs={'use_reentrant': False}).")
+
+
+def _find_unused(args, model=None) -> bool:
+    """What the Trainer will pass to DDP as ``find_unused_parameters`` (its own
+    rule: unset means True unless activation checkpointing is on)."""
+    if args.ddp_find_unused_parameters is not None:
+        return bool(args.ddp_find_unused_parameters)
+    return not (getattr(args, "gradient_checkpointing", False)
+                or getattr(args, "activation_checkpointing", False)
+                or getattr(model, "is_activation_checkpointing", False))
 
 
 def _put_before_reporters(callback: TrainerCallback) -> None:

@@ -25,6 +25,21 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _no_process_group_leaks():
+    """A Lightning DDP test run in this process leaves its rank variables in the
+    environment (LOCAL_RANK, WORLD_SIZE ...) and may leave its default process
+    group initialized; a later Hugging Face Trainer would then start a 1-rank
+    DDP of its own. Both are undone after every test."""
+    env = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(env)
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def token_loader(n: int = 32, batch_size: int = 4, seq: int = 16, vocab: int = 128, seed: int = 0):
     """Random token classification data (fixed seed) for callback tests."""
     g = torch.Generator().manual_seed(seed)

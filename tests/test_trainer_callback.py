@@ -123,6 +123,25 @@ def test_unsupported_setups_are_refused(tmp_path):
         _check_setup(Args())
 
 
+def test_ddp_without_unused_parameter_detection_is_refused_naming_the_cause(monkeypatch):
+    """Under DDP the Trainer passes find_unused_parameters=False when asked, or
+    when checkpointing is on and the option unset (TRL's SFTConfig default):
+    both refused before training, naming which."""
+    import types
+    from slimfit.callbacks import transformers as glue
+    monkeypatch.setattr(glue, "world_size", lambda: 2)
+    base = dict(deepspeed=None, fsdp=None, gradient_checkpointing=False, activation_checkpointing=False)
+    with pytest.raises(UnsupportedSetupError, match="this run has ddp_find_unused_parameters=False"):
+        glue._check_setup(types.SimpleNamespace(**base, ddp_find_unused_parameters=False))
+    with pytest.raises(UnsupportedSetupError, match="gradient_checkpointing=True with "
+                                                    "ddp_find_unused_parameters unset"):
+        glue._check_setup(types.SimpleNamespace(**{**base, "gradient_checkpointing": True},
+                                                ddp_find_unused_parameters=None))
+    glue._check_setup(types.SimpleNamespace(**{**base, "gradient_checkpointing": True},
+                                            ddp_find_unused_parameters=True))
+    glue._check_setup(types.SimpleNamespace(**base, ddp_find_unused_parameters=None))
+
+
 def test_trl_sft_trainer_freezes_exactly_and_frozen_tensors_stay(tmp_path):
     """TRL's SFTTrainer (a transformers.Trainer) with the same callback, on a
     pre-tokenized dataset: each step freezes floor(r * units) and frozen
