@@ -243,7 +243,7 @@ def faults(out: pathlib.Path) -> dict:
     as a scheduler requeues it (SLURM ``--requeue``). ``torchrun --max-restarts``
     is not used: with Lightning's env:// process group, the restarted ranks read
     the dead attempt's gloo addresses from the agent's store and fail to connect
-    (seen here with torch 2.8 / Lightning 2.5)."""
+    (seen here with torch 2.14 / Lightning 2.6)."""
     res = {}
     for engine in ("ddp", "fsdp2"):
         _torchrun(2, ["train", "--engine", engine, "--out", str(out / f"{engine}-plain")])
