@@ -40,6 +40,18 @@ def _no_process_group_leaks():
         dist.destroy_process_group()
 
 
+def assert_same_weights_and_state(m0, o0, m1, o1):
+    """Two runs trained the same: every weight and every optimizer state tensor
+    bit-identical (offloaded runs against on-device ones)."""
+    for (n, a), b in zip(m0.named_parameters(), m1.parameters()):
+        assert torch.equal(a, b), n
+    for p0, p1 in zip(m0.parameters(), m1.parameters()):
+        s0, s1 = o0.state.get(p0, {}), o1.state.get(p1, {})
+        assert s0.keys() == s1.keys()
+        for k in s0:
+            assert torch.equal(torch.as_tensor(s0[k]), torch.as_tensor(s1[k])), k
+
+
 def token_loader(n: int = 32, batch_size: int = 4, seq: int = 16, vocab: int = 128, seed: int = 0):
     """Random token classification data (fixed seed) for callback tests."""
     g = torch.Generator().manual_seed(seed)

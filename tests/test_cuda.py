@@ -14,7 +14,7 @@ from slimfit import (ActivationOffloader, OptimizerStateOffloader, SessionConfig
 
 from slimfit.offload.activations import _Host
 
-from conftest import make_optimizer
+from conftest import make_optimizer, assert_same_weights_and_state
 import models
 
 pytestmark = [pytest.mark.gpu,
@@ -69,13 +69,7 @@ def offload_run(offload, steps=8):
 def test_optimizer_state_offload_on_cuda_is_bit_exact_and_pinned():
     m0, o0, r0, _, _ = offload_run(offload=False)
     m1, o1, r1, off, placement = offload_run(offload=True)
-    for (n, a), b in zip(m0.named_parameters(), m1.parameters()):
-        assert torch.equal(a, b), n
-    for p0, p1 in zip(m0.parameters(), m1.parameters()):
-        s0, s1 = o0.state.get(p0, {}), o1.state.get(p1, {})
-        assert s0.keys() == s1.keys()
-        for k in s0:
-            assert torch.equal(torch.as_tensor(s0[k]), torch.as_tensor(s1[k])), k
+    assert_same_weights_and_state(m0, o0, m1, o1)
     assert off.pin_memory and off.bytes_moved > 0
     # while frozen, a unit's state is in page-locked host memory; while trained, on the GPU
     frozen = [(dev, pinned) for is_frozen, dev, pinned in placement if is_frozen]

@@ -11,7 +11,7 @@ from slimfit import measure_step
 from slimfit import ActivationOffloader, OptimizerStateOffloader
 from slimfit import SessionConfig, SlimFitSession
 
-from conftest import lit_module, make_optimizer, token_loader, trainer
+from conftest import lit_module, make_optimizer, token_loader, trainer, assert_same_weights_and_state
 from models import hf_bert, text_batch
 
 
@@ -36,13 +36,7 @@ def train(optimizer_name, offload, steps=8):
 def test_offloaded_training_is_bit_exact(optimizer):
     m0, o0, r0, _ = train(optimizer, offload=False)
     m1, o1, r1, off = train(optimizer, offload=True)
-    for (n, a), b in zip(m0.named_parameters(), m1.parameters()):
-        assert torch.equal(a, b), n
-    for p0, p1 in zip(m0.parameters(), m1.parameters()):
-        s0, s1 = o0.state.get(p0, {}), o1.state.get(p1, {})
-        assert s0.keys() == s1.keys()
-        for k in s0:
-            assert torch.equal(torch.as_tensor(s0[k]), torch.as_tensor(s1[k])), k
+    assert_same_weights_and_state(m0, o0, m1, o1)
     assert off.bytes_moved > 0
 
 
