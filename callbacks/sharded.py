@@ -46,10 +46,9 @@ def _without_grad_where_no_state(module: torch.nn.Module, path: pathlib.Path) ->
     from torch.distributed.checkpoint import FileSystemReader
     # reads only the index file of the checkpoint (names and shapes), no tensor data
     keys = FileSystemReader(str(path)).read_metadata().state_dict_metadata.keys()
-    prefix = "optimizer_0.state."
-    saved = {k[len(prefix):] for k in keys if k.startswith(prefix)}
-    changed = [p for name, p in module.named_parameters()
-               if p.requires_grad and not any(k.startswith(name + ".") for k in saved)]
+    prefix = "optimizer_0.state."  # then "<parameter name>.<state key>" (step, exp_avg ...)
+    saved = {k[len(prefix):].rsplit(".", 1)[0] for k in keys if k.startswith(prefix)}
+    changed = [p for name, p in module.named_parameters() if p.requires_grad and name not in saved]
     for p in changed:
         p.requires_grad_(False)
     try:
