@@ -143,7 +143,8 @@ class SessionConfig:
         f = self.freezing
         who = {"slimfit": "SlimFit", "lisa": "LISA", "badam": "BAdam"}[f.policy] if f else ""
         parts = ["full fine-tuning" if f is None or f.freeze_rate == 0
-                 else f"{who} r={f.freeze_rate:.3g}"]
+                 else f"{who} r={f.freeze_rate:.3g}"
+                 + (" of the bytes" if f.rate_of == "bytes" else "")]
         parts += [n for n, on in (("optimizer-state offload", self.offload_optimizer_state),
                                   ("optimizer state released", self.optimizer_state == "release"),
                                   ("compression", self.compression is not None),

@@ -216,3 +216,29 @@ def test_streamed_and_offloaded_decoders_train_bit_identically(family):
                             stream=slimfit.StreamConfig(resident=1, prefetch=0)))
     for k in ref:
         assert torch.equal(ref[k], got[k]), k
+
+
+def test_the_step_bench_measures_a_bytes_rate_at_the_full_depth_budget(monkeypatch):
+    """Under rate_of="bytes" each shallow model trains the full-depth model's
+    bytes per step: gradients and optimizer state are the same at every
+    depth, so the line through two depths is flat for them."""
+    import dataclasses
+    from slimfit.experiments import bench_decoders as bd
+    from slimfit.experiments.zoo import SHAPES
+    from slimfit.experiments.zoo.decoders import LLMShape
+    monkeypatch.setitem(SHAPES, "tiny-llama", LLMShape("llama", 8, 64, 4, 2, 128, 256, False))
+    run = bd.DECODER_RUNS["slimfit_stream_bytes"]
+    run = run.variant("t", session=dataclasses.replace(run.session, freezing=dataclasses.replace(
+        run.session.freezing, freeze_rate=0.8)))
+    budget = bd.full_depth_budget("tiny-llama", run.session.freezing)
+    deep = bd.candidate_bytes(bd.llm("tiny-llama", dtype=torch.bfloat16), run.session.freezing)
+    assert abs(budget - 0.2 * deep) <= 1
+    points = {n: bd.step_bytes("tiny-llama", run, n, 1, 16, budget) for n in (4, 6)}
+    assert points[4]["gradients"] == points[6]["gradients"] <= budget  # every tensor rotates
+    # the same up to AdamW's per-tensor step counters in the bytes-per-byte rate
+    assert points[4]["optimizer_state"] == pytest.approx(points[6]["optimizer_state"], rel=1e-3)
+    with pytest.raises(SystemExit, match="fewer candidate bytes than the full-depth budget"):
+        bd.step_bytes("tiny-llama", run.variant("t2", session=dataclasses.replace(
+            run.session, freezing=dataclasses.replace(run.session.freezing, freeze_rate=0.3))),
+            1, 1, 16, bd.full_depth_budget("tiny-llama", dataclasses.replace(
+                run.session.freezing, freeze_rate=0.3)))

@@ -268,3 +268,23 @@ def test_embedding_tables_are_scored_over_used_rows():
 def test_new_options_are_validated(kw, match):
     with pytest.raises(SlimFitError, match=match):
         SlimFitConfig(**kw)
+
+
+def test_a_bytes_rate_trains_within_its_budget_and_resumes_identically():
+    model = BERT.factory()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    freezer, ok = train_steps(BERT, model, opt, 12, freeze_rate=0.6, rate_of="bytes", seed=0)
+    assert all(ok)
+    sizes = [sum(p.numel() * p.element_size() for p in u.params) for u in freezer.units]
+    budget = freezer.scheduler.trained_bytes_budget
+    assert budget == int(0.4 * sum(sizes))
+    index = {n: i for i, n in enumerate(freezer.names)}
+    trained_sets = [set(range(len(sizes))) - {index[n] for n in f}
+                    for f in freezer.history.frozen_sets()]
+    assert all(0 < sum(sizes[i] for i in t) <= budget for t in trained_sets)
+    assert len({len(t) for t in trained_sets}) > 1  # the count follows the units' sizes
+    resumed = LayerFreezer(model, freeze_rate=0.6, rate_of="bytes", seed=7)
+    resumed.load_state_dict(freezer.state_dict())
+    assert [resumed.decide() for _ in range(5)] == [freezer.decide() for _ in range(5)]
+    with pytest.raises(SlimFitError, match=r"trained units hold \d+ bytes, above the step's budget"):
+        freezer.apply([])

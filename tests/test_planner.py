@@ -287,6 +287,12 @@ def test_worst_trained_set_counts_distinct_inputs_and_only_linears_as_measured()
     assert _worst_dynamic(inputs, frozen=[0, 1, 2], n_train=3) == 300 - 200
     # the measured step trained q and the LayerNorm: only q's input was surely saved
     assert _worst_dynamic(inputs, frozen=[1, 2, 3, 4], n_train=2) == 200 - 100
+    # by bytes: q, k, v weigh 10 each, the fc1s 40, the norm 1; a budget of 30 weight
+    # bytes covers the norm's input (1), q/k/v's shared one once (10) and 19/40 of an
+    # fc1's: 247.5 (the fractional knapsack, an upper bound), below the count's 400
+    sizes = [10, 10, 10, 40, 40, 1]
+    assert _worst_dynamic(inputs, [0, 1, 2, 3, 4, 5], 6, sizes, budget=30) == 248
+    assert _worst_dynamic(inputs, [0, 1, 2, 3, 4, 5], 2, sizes, budget=10**6) == 200
 
 
 def test_unit_inputs_record_linears_and_skip_norms_that_save_their_input_anyway():
@@ -315,3 +321,37 @@ def test_a_plan_keeps_the_users_policy_and_says_its_price_is_the_score_policys()
     assert "policy='lisa' further from full fine-tuning" in plan.describe()
     plain = plan_for_budget(model, adamw, loss, 1 << 40, candidates=[cand(0.9)])
     assert "measured with policy" not in plain.price[1]
+
+
+def test_a_bytes_rate_bounds_gradients_by_the_rate_and_the_run_stays_under_the_plan():
+    # the word embedding (512 x 64) is 8x a 64 x 64 projection: counted in units, the
+    # largest trained set at r = 0.7 holds it and the other biggest units; in bytes,
+    # at most 30% of the candidates' bytes train
+    model, batch = build("bert")
+    loss = lambda: model(**batch).loss  # noqa: E731
+    plans = {of: plan_for_budget(model, adamw, loss, 10**12, candidates=[cand(0.7)],
+                                 base=SessionConfig(freezing=SlimFitConfig(rate_of=of)))
+             for of in ("units", "bytes")}
+    assert plans["bytes"].config.freezing.rate_of == "bytes"  # the user's choice is kept
+    session = SlimFitSession(model, plans["bytes"].config)
+    budget = session.freezer.scheduler.trained_bytes_budget
+    candidates = sum(p.numel() * 4 for p in session.freezer.parameters())
+    always = sum(p.numel() * 4 for p in model.parameters()) - candidates
+    assert plans["bytes"].expected["gradients"] <= always + budget
+    assert plans["bytes"].expected["gradients"] < 0.8 * plans["units"].expected["gradients"]
+    copy = build("bert")[0]
+    copy.load_state_dict(model.state_dict())
+    totals = run_plan(copy, plans["bytes"], lambda g: CASES["bert"].batch(copy, generator=g), 14)
+    assert max(totals) <= plans["bytes"].expected_total
+
+
+def test_the_planner_never_tries_a_bytes_rate_at_which_a_unit_could_never_train():
+    model, batch = build("bert")
+    loss = lambda: model(**batch).loss  # noqa: E731
+    full = plan_for_budget(model, adamw, loss, 10**12, candidates=[cand(0.0)])
+    base = SessionConfig(freezing=SlimFitConfig(freeze_rate=0.5, rate_of="bytes"))
+    plan = plan_for_budget(model, adamw, loss, int(full.expected_total * 0.36), base=base)
+    assert plan.config.freezing.freeze_rate > 0.5, plan.describe()
+    assert plan.config.freezing.rate_of == "bytes"
+    assert "not of the bytes" in plan.price[1]
+    SlimFitSession(model, plan.config)  # a rate every unit can train under

@@ -270,3 +270,59 @@ def test_a_high_rate_still_rotates_the_reserved_slot():
     plain = InterLayerScheduler(NAMES, 0.8, seed=0)
     run(plain, 40)
     assert max(plain.ages) > 20  # without it, top-k on fixed scores starves the rest
+
+
+# -- rate_of="bytes": the rate a fraction of the bytes (issue 25: decoder units differ 40x) --
+
+SIZES = [1000] + [100] * 20 + [400] * 5  # an "embedding", small and middle-sized units
+
+
+@pytest.mark.parametrize("kw", [{}, {"reserve_fraction": 0.25}, {"selection": "sample"},
+                                {"max_frozen_age": 6, "frozen_score_decay": 0.9}])
+def test_bytes_rate_bounds_every_trained_set_and_starves_no_unit(kw):
+    names = [f"u{i}" for i in range(len(SIZES))]
+    s = InterLayerScheduler(names, 0.8, seed=4, unit_bytes=SIZES, **kw)
+    assert s.trained_bytes_budget == 1000  # floor(0.2 * 5000), not 999 from float rounding
+    last = {}
+    for step, f in enumerate(run(s, 80, lambda i, step: ((i * 7 + step) % 11 + 1) / 11)):
+        trained = [i for i in range(len(SIZES)) if i not in f]
+        assert 0 < sum(SIZES[i] for i in trained) <= 1000
+        assert s.check_frozen(f) is None
+        last.update({i: step for i in trained})
+    assert s.initial_pass_done
+    if kw:  # reserved slots or staleness bring the 1000-byte unit back, not only the scores
+        assert 80 - 1 - last[0] <= 26
+
+
+def test_bytes_rate_with_equal_units_is_the_count_rate():
+    by_bytes = InterLayerScheduler(NAMES, 0.7, seed=3, unit_bytes=[64] * 10)
+    by_count = InterLayerScheduler(NAMES, 0.7, seed=3)
+    for a, b in zip(run(by_bytes, 20), run(by_count, 20)):
+        assert len(a) == len(b) == 7
+
+
+def test_bytes_rate_refuses_a_unit_that_could_never_train():
+    with pytest.raises(SlimFitError, match=r"unit 'u0' alone has 1000.*freeze_rate <= 0.8"):
+        InterLayerScheduler([f"u{i}" for i in range(len(SIZES))], 0.9, unit_bytes=SIZES)
+    with pytest.raises(SlimFitError, match="one size >= 0 per unit"):
+        InterLayerScheduler(NAMES, 0.5, unit_bytes=[1, 2])
+
+
+def test_bytes_rate_state_round_trip_and_a_changed_rate_of_is_said():
+    names = [f"u{i}" for i in range(len(SIZES))]
+    a = InterLayerScheduler(names, 0.8, seed=1, reserve_fraction=0.25, unit_bytes=SIZES)
+    run(a, 7)
+    b = InterLayerScheduler(names, 0.8, seed=2, reserve_fraction=0.25, unit_bytes=SIZES)
+    b.load_state_dict(a.state_dict())
+    assert run(a, 20) == run(b, 20)
+    with pytest.warns(UserWarning, match=r"rate_of='bytes' \(now 'units'\)"):
+        InterLayerScheduler(names, 0.8, reserve_fraction=0.25).load_state_dict(a.state_dict())
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"rate_of": "params"}, "rate_of must be one of 'units', 'bytes'.*got 'params'"),
+    ({"rate_of": "bytes", "policy": "lisa"}, "rate_of='bytes' applies to policy='slimfit'"),
+    ({"rate_of": "bytes", "trained_units": 3}, "trained_units=3 counts units")])
+def test_bad_rate_of_is_refused(kw, match):
+    with pytest.raises(SlimFitError, match=match):
+        SlimFitConfig(**kw)

@@ -13,7 +13,7 @@ from typing import Sequence
 
 from slimfit.errors import SlimFitError
 from slimfit.freezing.policies import BADAM_ORDERS, POLICIES
-from slimfit.freezing.scheduler import SELECTIONS
+from slimfit.freezing.scheduler import RATE_OF, SELECTIONS
 from slimfit.freezing.scores import SCORES
 from slimfit.selection import Pattern, validate_pattern
 
@@ -30,7 +30,13 @@ class SlimFitConfig:
     Attributes:
         freeze_rate: fraction r in [0, 1) of the rotating units frozen each
             optimizer step: ``floor(r * t)`` of ``t`` units (paper: 0.8-0.95),
-            whatever the policy.
+            whatever the policy; with ``rate_of="bytes"``, of their bytes.
+        rate_of: what ``freeze_rate`` is a fraction of: ``"units"`` (the
+            paper: ``floor(r * t)`` units frozen) or ``"bytes"`` (each step
+            trains units holding at most ``(1 - r)`` of the rotating bytes, so
+            the trained set's gradients and optimizer state are bounded by the
+            rate when units differ in size, as a decoder's embedding and
+            projections do; ``"slimfit"`` policy only).
         policy: how the trained units are chosen (:mod:`slimfit.freezing.
             policies`): ``"slimfit"`` (by training-dynamics score, the paper's
             inter-layer scheduler), ``"lisa"`` (sampled uniformly at random,
@@ -100,6 +106,7 @@ class SlimFitConfig:
     """
 
     freeze_rate: float = 0.9
+    rate_of: str = "units"
     policy: str = "slimfit"
     interval: int | None = None
     order: str = "ascending"
@@ -201,6 +208,15 @@ class SlimFitConfig:
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise SlimFitError(f"trained_units must be None (from freeze_rate) or an int >= 1, "
                                f"got {n!r}.")
+        if self.rate_of not in RATE_OF:
+            raise SlimFitError(f"rate_of must be one of {', '.join(map(repr, RATE_OF))} (what "
+                               f"freeze_rate is a fraction of), got {self.rate_of!r}.")
+        if self.rate_of == "bytes" and self.policy != "slimfit":
+            raise SlimFitError(f"rate_of='bytes' applies to policy='slimfit'; {self.policy!r} "
+                               "trains a number of units (its paper's), so use rate_of='units'.")
+        if self.rate_of == "bytes" and n is not None:
+            raise SlimFitError(f"trained_units={n} counts units but rate_of='bytes' makes "
+                               "freeze_rate a fraction of the bytes; use one of them.")
 
     def frozen_count(self, units: int) -> int:
         """Units frozen per step out of ``units``: ``floor(r * t)``, or

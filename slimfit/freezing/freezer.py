@@ -87,7 +87,8 @@ class LayerFreezer(Part):
         self.units = self.selection.units
         self.names = [u.name for u in self.units]
         #: the policy that decides each step's frozen set (slimfit.freezing.policies)
-        self.scheduler = make_policy(self.names, c)
+        self.scheduler = make_policy(self.names, c, [
+            sum(p.numel() * p.element_size() for p in u.params) for u in self.units])
         t = len(self.units)
         trained = 1.0 - c.freeze_rate if c.trained_units is None else (t - self.num_frozen) / t
         self.lr_scale = c.lr_scale(trained)  # the step factor of trained units
@@ -160,9 +161,9 @@ class LayerFreezer(Part):
     def apply(self, frozen: Sequence[int]) -> None:
         """Freeze ``frozen`` (unit indices) and make every other unit trainable."""
         fz = set(int(i) for i in frozen)
-        if len(fz) != self.num_frozen or not all(0 <= i < len(self.units) for i in fz):
-            raise SlimFitError(f"a step must freeze exactly {self.num_frozen} distinct units "
-                               f"out of {len(self.units)}, got {sorted(fz)[:8]}...")
+        problem = self.scheduler.check_frozen(sorted(fz))
+        if problem is not None:
+            raise SlimFitError(f"{problem}, got {sorted(fz)[:8]}...")
         for i, u in enumerate(self.units):
             train = i not in fz
             for p in u.params:

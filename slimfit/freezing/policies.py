@@ -30,7 +30,7 @@ import random
 from typing import Any, Sequence
 
 from slimfit.errors import CheckpointMismatchError, SlimFitError
-from slimfit.freezing.scheduler import InterLayerScheduler
+from slimfit.freezing.scheduler import InterLayerScheduler, count_problem
 
 __all__ = ["BADAM_ORDERS", "BAdamPolicy", "DEFAULT_INTERVAL", "LisaPolicy", "POLICIES",
            "RotationPolicy", "make_policy"]
@@ -92,8 +92,15 @@ class RotationPolicy:
         """Every unit has trained at least once (every tensor has optimizer state)."""
         return all(self._ever)
 
+    #: the rate counts units (the scheduler's byte budget under rate_of="bytes")
+    trained_bytes_budget = None
+
     def reserved_slots(self, n_train: int) -> int:
         return 0
+
+    def check_frozen(self, frozen: Sequence[int]) -> str | None:
+        """Why ``frozen`` is not a set of exactly :attr:`num_frozen` units (``None``: it is)."""
+        return count_problem(frozen, self.num_frozen, len(self.names))
 
     def _next(self) -> list[int]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -252,19 +259,26 @@ class BAdamPolicy(RotationPolicy):
         self._queue = queue
 
 
-def make_policy(names: Sequence[str], config: Any) -> "InterLayerScheduler | RotationPolicy":
-    """The policy a ``SlimFitConfig`` names, over the units ``names`` (model order).
+def make_policy(names: Sequence[str], config: Any, unit_bytes: Sequence[int] | None = None
+                ) -> "InterLayerScheduler | RotationPolicy":
+    """The policy a ``SlimFitConfig`` names, over the units ``names`` (model order);
+    ``unit_bytes``, each unit's bytes, is read under ``rate_of="bytes"``.
 
     Raises:
-        SlimFitError: ``trained_units`` above the number of units.
+        SlimFitError: ``trained_units`` above the number of units; under
+            ``rate_of="bytes"``, no sizes or a unit too large to ever train.
     """
     frozen = config.frozen_count(len(names))
     if config.policy == "slimfit":
+        if config.rate_of == "bytes" and unit_bytes is None:
+            raise SlimFitError("rate_of='bytes' needs each unit's bytes (make_policy's "
+                               "unit_bytes); the LayerFreezer passes them.")
         return InterLayerScheduler(
             names, config.freeze_rate, seed=config.seed, max_frozen_age=config.max_frozen_age,
             frozen_score_decay=config.frozen_score_decay, selection=config.selection,
             reserve_fraction=config.reserve_fraction,
-            num_frozen=None if config.trained_units is None else frozen)
+            num_frozen=None if config.trained_units is None else frozen,
+            unit_bytes=unit_bytes if config.rate_of == "bytes" else None)
     interval = config.interval or DEFAULT_INTERVAL[config.policy]
     if config.policy == "lisa":
         return LisaPolicy(names, frozen, interval, seed=config.seed)

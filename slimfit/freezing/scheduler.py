@@ -19,6 +19,15 @@ slots are filled in this order:
    Spirakis' keys ``u ** (1 / s)``, equivalent to successive proportional
    draws), so that lower-scored units still get trained now and then.
 
+With ``unit_bytes`` (``SlimFitConfig.rate_of="bytes"``) ``r`` is a fraction of
+the rotating *bytes*: each step trains units of at most ``(1 - r)`` of their
+total bytes, filled in the same order, a unit that does not fit in what is
+left being passed over for the next that does (the number trained varies
+from step to step). Units differ in size (at Llama-3-8B width a 1 GiB
+embedding beside 24 MiB key projections), so a count bounds nothing that a
+memory budget can use; this bounds the trained set's gradients and
+optimizer state by the rate.
+
 Ties are broken by a seeded random key. Only trained units get fresh scores; a
 frozen unit keeps its last (stale) score. With ``frozen_score_decay = d`` the
 authority of that old measurement decays: a unit frozen for ``age`` steps
@@ -41,12 +50,24 @@ from typing import Any, Sequence
 
 from slimfit.errors import CheckpointMismatchError, SlimFitError
 
-__all__ = ["InterLayerScheduler", "SELECTIONS"]
+__all__ = ["InterLayerScheduler", "RATE_OF", "SELECTIONS", "count_problem"]
 
 #: How the score-ranked trained slots are filled (``SlimFitConfig.selection``).
 SELECTIONS = ("topk", "sample")
+#: What ``freeze_rate`` is a fraction of (``SlimFitConfig.rate_of``).
+RATE_OF = ("units", "bytes")
 
 STATE_VERSION = 1
+
+
+def count_problem(frozen: Sequence[int], num_frozen: int, t: int) -> str | None:
+    """Why ``frozen`` is not ``num_frozen`` distinct unit indices of ``t``
+    (``None``: it is)."""
+    if not all(0 <= i < t for i in frozen):
+        return f"unit indices must be in [0, {t})"
+    if len(set(frozen)) != num_frozen:
+        return f"a step must freeze exactly {num_frozen} distinct units of {t}"
+    return None
 
 
 class InterLayerScheduler:
@@ -62,7 +83,11 @@ class InterLayerScheduler:
         selection: ``"topk"`` or ``"sample"``.
         reserve_fraction: fraction in [0, 1) of the trained slots reserved for
             the least recently trained units (rounded down, but at least one
-            slot when above 0 and at least two units train).
+            slot when above 0 and at least two units train); with
+            ``unit_bytes``, that fraction of the trained bytes (at least one
+            unit).
+        unit_bytes: each unit's bytes: ``freeze_rate`` is then a fraction of
+            the bytes, not of the units (``None``: of the units).
 
     Example:
         >>> s = InterLayerScheduler(["a", "b", "c", "d"], freeze_rate=0.5, seed=0)
@@ -78,7 +103,7 @@ class InterLayerScheduler:
     def __init__(self, names: Sequence[str], freeze_rate: float, seed: int = 0,
                  max_frozen_age: int | None = None, frozen_score_decay: float | None = None,
                  selection: str = "topk", reserve_fraction: float = 0.0,
-                 num_frozen: int | None = None):
+                 num_frozen: int | None = None, unit_bytes: Sequence[int] | None = None):
         if not names:
             raise SlimFitError("InterLayerScheduler needs at least one unit name.")
         if len(set(names)) != len(names):
@@ -101,23 +126,83 @@ class InterLayerScheduler:
         if num_frozen is not None and not 0 <= num_frozen < len(names):
             raise SlimFitError(f"num_frozen must be in [0, {len(names)}), got {num_frozen!r}.")
         self._num_frozen = num_frozen  # None: floor(freeze_rate * t)
+        self.unit_bytes = None if unit_bytes is None else [int(b) for b in unit_bytes]
+        if self.unit_bytes is not None:
+            self._check_bytes(num_frozen)
         self.max_frozen_age = max_frozen_age
         self.scores: list[float | None] = [None] * len(names)  # None: never measured
         self.ages = [0] * len(names)  # consecutive steps frozen
         self.step = 0
         self._rng = random.Random(seed)
 
+    def _check_bytes(self, num_frozen: int | None) -> None:
+        b = self.unit_bytes
+        if num_frozen is not None:
+            raise SlimFitError("trained_units counts units; rate_of='bytes' makes freeze_rate a "
+                               "fraction of the bytes. Use one of them.")
+        if len(b) != len(self.names) or any(x < 0 for x in b):
+            raise SlimFitError(f"unit_bytes must give one size >= 0 per unit ({len(self.names)}), "
+                               f"got {len(b)} values.")
+        big = max(range(len(b)), key=b.__getitem__)
+        if b[big] > self.trained_bytes_budget:
+            total = sum(b)
+            raise SlimFitError(
+                f"with rate_of='bytes' and freeze_rate={self.freeze_rate}, a step trains at most "
+                f"{self.trained_bytes_budget} of {total} bytes, but unit {self.names[big]!r} alone "
+                f"has {b[big]}: it could never train. Use freeze_rate <= "
+                f"{math.floor(1000 * (1 - b[big] / total)) / 1000}, exclude the unit (exclude=...), "
+                "or rate_of='units'.")
+
+    @property
+    def rate_of(self) -> str:
+        """What ``freeze_rate`` is a fraction of: ``"units"`` or ``"bytes"``."""
+        return "units" if self.unit_bytes is None else "bytes"
+
+    @property
+    def trained_bytes_budget(self) -> int | None:
+        """With ``unit_bytes``: ``floor((1 - r) * total bytes)``, the most a step
+        trains (``None``: the rate counts units)."""
+        if self.unit_bytes is None:
+            return None
+        # + 1e-6: (1 - 0.8) * 5000 is 999.99999... in floats
+        return math.floor((1.0 - self.freeze_rate) * sum(self.unit_bytes) + 1e-6)
+
     @property
     def num_frozen(self) -> int:
-        """``floor(r * t)`` (or the count given): units frozen in every step."""
+        """``floor(r * t)`` (or the count given): units frozen in every step.
+        With ``unit_bytes``, the fewest a step can freeze (the most units that
+        fit in the budget, smallest first)."""
         if self._num_frozen is not None:
             return self._num_frozen
+        if self.unit_bytes is not None:
+            left, fit = self.trained_bytes_budget, 0
+            for b in sorted(self.unit_bytes):
+                if b > left:
+                    break
+                left, fit = left - b, fit + 1
+            return len(self.names) - fit
         return math.floor(self.freeze_rate * len(self.names))
 
     @property
     def num_trained(self) -> int:
-        """``t - floor(r * t)``: units trained in every step."""
+        """``t - floor(r * t)``: units trained in every step (with ``unit_bytes``,
+        the most a step can train)."""
         return len(self.names) - self.num_frozen
+
+    def check_frozen(self, frozen: Sequence[int]) -> str | None:
+        """Why ``frozen`` is not a set this scheduler could decide (``None``: it
+        is): exactly :attr:`num_frozen` units, or with ``unit_bytes`` trained
+        bytes within :attr:`trained_bytes_budget`."""
+        if self.unit_bytes is None:
+            return count_problem(frozen, self.num_frozen, len(self.names))
+        if not all(0 <= i < len(self.names) for i in frozen):
+            return f"unit indices must be in [0, {len(self.names)})"
+        fz = set(frozen)
+        trained = sum(b for i, b in enumerate(self.unit_bytes) if i not in fz)
+        if trained > self.trained_bytes_budget:
+            return (f"the trained units hold {trained} bytes, above the step's budget of "
+                    f"{self.trained_bytes_budget} (rate_of='bytes')")
+        return None
 
     def reserved_slots(self, n_train: int) -> int:
         """Trained slots reserved for the least recently trained units:
@@ -164,6 +249,8 @@ class InterLayerScheduler:
             else:
                 rest.append(i)
         first.sort(reverse=True)
+        if self.unit_bytes is not None:
+            return self._decide_bytes([i for *_, i in first], rest, scores, ages, ties)
         trained = [i for *_, i in first[:n_train]]
         # (3) reserved slots: the least recently trained (largest age) of the rest
         n_res = min(self.reserved_slots(n_train), n_train - len(trained))
@@ -172,17 +259,49 @@ class InterLayerScheduler:
             trained += rest[:n_res]
             rest = rest[n_res:]
         # (4) the remaining slots by score
+        trained += self._score_order(rest, scores, ties)[:n_train - len(trained)]
+        keep = set(trained)
+        return [i for i in range(t) if i not in keep]
+
+    def _score_order(self, rest: list[int], scores: list, ties: list[float]) -> list[int]:
+        """``rest`` by score, highest first (``"sample"``: by Efraimidis-Spirakis key)."""
         if self.selection == "sample":
             keys = {}
             for i in rest:  # Efraimidis-Spirakis: log(u) / s, larger first; s = 0 last
                 u = 1.0 - self._rng.random()  # in (0, 1]
                 keys[i] = (math.log(u) / scores[i] if scores[i] > 0 else -math.inf, ties[i])
-            rest.sort(key=keys.__getitem__, reverse=True)
-        else:
-            rest.sort(key=lambda i: (scores[i], ties[i]), reverse=True)
-        trained += rest[:n_train - len(trained)]
+            return sorted(rest, key=keys.__getitem__, reverse=True)
+        return sorted(rest, key=lambda i: (scores[i], ties[i]), reverse=True)
+
+    def _decide_bytes(self, first: list[int], rest: list[int], scores: list, ages: list[int],
+                      ties: list[float]) -> list[int]:
+        """:meth:`decide` with the rate a fraction of the bytes: the same order
+        (never measured or stale, reserved, by score), each unit taken when it
+        fits in what is left of the budget, else passed over."""
+        size, left, trained = self.unit_bytes, self.trained_bytes_budget, []
+
+        def take(order: list[int], share: int) -> int:
+            """Take units of ``order`` that fit in ``left`` until ``share`` bytes are taken."""
+            used = 0
+            for i in order:
+                if used >= share:
+                    break
+                if size[i] <= left - used:
+                    trained.append(i)
+                    used += size[i]
+            return used
+
+        left -= take(first, left)
+        if self.reserve_fraction > 0:
+            # the least recently trained, until their share of the budget is reached: the
+            # oldest is taken whenever it fits in what is left, so a unit larger than the
+            # share (an embedding) still comes back once it is the oldest
+            by_age = sorted(rest, key=lambda i: (ages[i], ties[i]), reverse=True)
+            left -= take(by_age, max(1, math.floor(self.reserve_fraction * left)))
+        taken = set(trained)
+        take(self._score_order([i for i in rest if i not in taken], scores, ties), left)
         keep = set(trained)
-        return [i for i in range(t) if i not in keep]
+        return [i for i in range(len(self.names)) if i not in keep]
 
     def update(self, frozen: Sequence[int], scores: Sequence[float] | None) -> None:
         """Record a finished step: ``scores`` of the trained units (in index
@@ -213,7 +332,7 @@ class InterLayerScheduler:
         return {"version": STATE_VERSION, "names": list(self.names),
                 "freeze_rate": self.freeze_rate, "max_frozen_age": self.max_frozen_age,
                 "frozen_score_decay": self.frozen_score_decay, "selection": self.selection,
-                "reserve_fraction": self.reserve_fraction,
+                "reserve_fraction": self.reserve_fraction, "rate_of": self.rate_of,
                 "scores": list(self.scores), "ages": list(self.ages), "step": self.step,
                 "rng_state": self._rng.getstate()}
 
@@ -269,7 +388,7 @@ class InterLayerScheduler:
         # became 0.25) continues the run with other decisions: said, not refused, as a
         # user may change the policy on purpose; a state older than an option ran without it
         before = {"max_frozen_age": None, "frozen_score_decay": None, "selection": "topk",
-                  "reserve_fraction": 0.0}
+                  "reserve_fraction": 0.0, "rate_of": "units"}
         changed = [f"{k}={state.get(k, old)!r} (now {getattr(self, k)!r})"
                    for k, old in before.items() if state.get(k, old) != getattr(self, k)]
         if changed:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import math
 import weakref
 from typing import Callable, Iterator, Sequence
 
@@ -100,7 +101,8 @@ def _unit_inputs(model: nn.Module, units: Sequence, compressor=None) -> Iterator
             h.remove()
 
 
-def _worst_dynamic(inputs: Sequence, frozen: Sequence[int], n_train: int) -> int:
+def _worst_dynamic(inputs: Sequence, frozen: Sequence[int], n_train: int,
+                   unit_bytes: Sequence[int] | None = None, budget: int | None = None) -> int:
     """Bytes by which the dynamic activations of the worst trained set may
     exceed the measured step's.
 
@@ -111,7 +113,14 @@ def _worst_dynamic(inputs: Sequence, frozen: Sequence[int], n_train: int) -> int
     three). Every recorded input counts towards the worst set, but only the
     Linears' towards the measured step's: a trained LayerNorm or embedding
     added nothing to it, and subtracting its input would make the bound too
-    low."""
+    low.
+
+    Under ``rate_of="bytes"`` (``budget``: the most weight bytes a step trains,
+    ``unit_bytes``: each unit's) the trained units' inputs are also bounded by
+    the fractional knapsack: distinct inputs taken by their bytes per weight
+    byte of the lightest unit saving them, the last one in part, until those
+    weights fill the budget (an upper bound on any set that fits; the count
+    alone would allow every small unit at once)."""
     fz = set(frozen)
     measured = {uid: b for i, (uid, b, linear) in enumerate(inputs) if linear and i not in fz}
     largest: dict = {}  # input -> the most any unit sharing it records
@@ -119,7 +128,31 @@ def _worst_dynamic(inputs: Sequence, frozen: Sequence[int], n_train: int) -> int
         if b:
             largest[uid] = max(largest.get(uid, 0), b)
     worst = sum(sorted(largest.values(), reverse=True)[:n_train])
+    if budget is not None:
+        # one item per distinct input: its bytes, for the lightest unit that saves it
+        # (a unit saves one input, so any set within the budget covers inputs whose
+        # lightest units fit in it too: the items' fractional knapsack bounds the set)
+        cost: dict = {}
+        for (uid, b, _), w in zip(inputs, unit_bytes):
+            if b:
+                cost[uid] = min(cost.get(uid, w), w)
+        knapsack, left = 0.0, budget
+        for uid in sorted(cost, key=lambda u: largest[u] / max(cost[u], 1), reverse=True):
+            take = min(1.0, left / max(cost[uid], 1))
+            knapsack, left = knapsack + take * largest[uid], left - take * cost[uid]
+            if left <= 0:
+                break
+        worst = min(worst, math.ceil(knapsack))
     return max(0, worst - sum(measured.values()))
+
+
+def _largest_trained(sizes: Sequence[int], freezer: LayerFreezer) -> int:
+    """The most of ``sizes`` (one per unit) a step may train: the
+    ``num_trained`` largest, and under ``rate_of="bytes"`` never above the
+    step's byte budget (each size is at most its unit's bytes)."""
+    top = sum(sorted(sizes, reverse=True)[:freezer.scheduler.num_trained])
+    budget = freezer.scheduler.trained_bytes_budget
+    return top if budget is None else min(top, budget)
 
 
 def _expected(rep: MemoryReport, opt: torch.optim.Optimizer, freezer: LayerFreezer | None,
@@ -140,9 +173,8 @@ def _expected(rep: MemoryReport, opt: torch.optim.Optimizer, freezer: LayerFreez
     if freezer is None:
         trainable = all_bytes
     else:
-        n_train = freezer.scheduler.num_trained
-        unit_bytes = sorted((nbytes(u.params) for u in freezer.units), reverse=True)
-        trainable = all_bytes - sum(unit_bytes) + sum(unit_bytes[:n_train])
+        unit_bytes = [nbytes(u.params) for u in freezer.units]
+        trainable = all_bytes - sum(unit_bytes) + _largest_trained(unit_bytes, freezer)
     resident = trainable if config.offload_optimizer_state else all_bytes
     grads = trainable  # gradients have their parameters' size
     acts = 0 if config.offload_activations else \
@@ -158,10 +190,10 @@ def _expected(rep: MemoryReport, opt: torch.optim.Optimizer, freezer: LayerFreez
         # block tensors that always train (biases, ...) stay resident; so do the
         # largest set of candidate tensors a step may train
         always = sum(b for pid, b in streamed.items() if pid not in candidates)
-        trained = sorted((sum(streamed.get(id(p), 0) for p in u.params) for u in units),
-                         reverse=True)[:len(units) - freezer.num_frozen]
+        trained = _largest_trained([sum(streamed.get(id(p), 0) for p in u.params)
+                                    for u in units], freezer)
         params = min(outside + sum(streamed.values()),  # never above no streaming
-                     outside + sum(blocks[:k]) + always + sum(trained))
+                     outside + sum(blocks[:k]) + always + trained)
         host_params = streamer.host_bytes()
     return {"parameters": params, "gradients": grads, "optimizer_state": opt_bytes,
             "activations": acts, "total": params + grads + opt_bytes + acts,
@@ -187,8 +219,10 @@ def calibrate(model: nn.Module, make_optimizer: Callable[[list], torch.optim.Opt
             rep = session.step(loss_fn, measure=True, frozen=frozen)
         freezes = config.freezing is not None and config.freezing.freeze_rate > 0
         freezer = session.freezer if freezes else None
-        extra = _worst_dynamic(inputs, frozen, len(session.units) - len(frozen)) \
-            if freezer is not None else 0
+        extra = _worst_dynamic(
+            inputs, frozen, session.freezer.scheduler.num_trained,
+            [sum(p.numel() * p.element_size() for p in u.params) for u in session.units],
+            session.freezer.scheduler.trained_bytes_budget) if freezer is not None else 0
         # activations at the planned batch: proportional (an upper bound), or on
         # the line through this batch and a smaller one (same frozen set); the
         # worst trained set's extra inputs are proportional to the batch

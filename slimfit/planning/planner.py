@@ -268,6 +268,9 @@ def plan_for_budget(model: nn.Module, make_optimizer: Callable[[list], torch.opt
         k, expected = found
         price = expected_price(knobs.freeze_rate, knobs.compression)
         policy = base.freezing.policy if base.freezing is not None else "slimfit"
+        if base.freezing is not None and base.freezing.rate_of == "bytes" and knobs.freeze_rate:
+            price = (price[0], f"{price[1]}; measured with the rate a fraction of the units, "
+                     "not of the bytes")
         if policy != "slimfit" and knobs.freeze_rate > 0:  # the prices are the score policy's
             price = (price[0], f"{price[1]}; measured with policy='slimfit': the policy study "
                      f"(docs/results.md) found policy={policy!r} further from full fine-tuning "
@@ -310,7 +313,12 @@ def _search(evaluate, plan, model, base: SessionConfig, max_rate: float, stream:
         alone = _Knobs(0.0, compression=True)
         found = evaluate(alone)
         return plan(alone, found) if found is not None else None
-    n_units = len(LayerFreezer(model, base.freezing).units)  # the user's candidates
+    # the user's candidates (at rate 0: a bytes rate too high for one unit is refused)
+    units = LayerFreezer(model, dataclasses.replace(base.freezing, freeze_rate=0.0)).units
+    n_units = len(units)
+    if base.freezing.rate_of == "bytes":  # no rate at which the largest unit could never train
+        sizes = [sum(p.numel() * p.element_size() for p in u.params) for u in units]
+        max_rate = min(max_rate, 1.0 - max(sizes) / sum(sizes) - 1e-6)
     k_max = int(max_rate * n_units)  # frozen units at the highest rate allowed
     # exact techniques, fastest first; the last is the most capable (offload and
     # streaming act on frozen units only: nothing to move at rate 0)
