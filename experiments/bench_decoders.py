@@ -7,6 +7,9 @@
     python -m slimfit.experiments.bench_decoders step --shape llama-3.2-1b --batch 4 --seq 2048
     python -m slimfit.experiments.bench_decoders step --shape llama-3-8b --batch 1 --seq 2048 \\
         --runs full slimfit_stream
+    # the rate a fraction of the bytes: shallow models at the full-depth budget
+    python -m slimfit.experiments.bench_decoders step --shape llama-3-8b --batch 1 --seq 2048 \\
+        --runs slimfit_stream_bytes slimfit_stream_bytes_8bit --layers 6 8
     # the extrapolation checked against a full-depth run at a smaller shape
     python -m slimfit.experiments.bench_decoders validate
 
@@ -24,7 +27,11 @@ steady-state bound from one measured step (``slimfit.planning.calibration``:
 every unit's optimizer state once trained, the largest trained set's
 gradients), so a rotating run is not flattered by its first steps; under
 checkpointing one block's recomputed saves are added (the ledger cannot see
-them).
+them). Under ``rate_of="bytes"`` each shallow model is measured at the rate
+that gives it the full-depth model's byte budget, so the trained set is the
+deep model's at every depth (measure where the streamed blocks outweigh one
+block plus that budget, else the resident weights are every block's and the
+line through them overstates).
 """
 
 from __future__ import annotations
@@ -32,11 +39,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import math
 import statistics
 
 import torch
 
-from slimfit import CompressionConfig, SessionConfig, SlimFitConfig, SlimFitSession, format_bytes
+from slimfit import (CompressionConfig, LayerFreezer, SessionConfig, SlimFitConfig, SlimFitSession,
+                     format_bytes)
+from slimfit.compression.config import Treatment
 from slimfit.experiments.bench_cases import recompute_bytes
 from slimfit.experiments.peers import LoraSpec
 from slimfit.experiments.runs import RUNS, Run, build_optimizer
@@ -58,6 +68,36 @@ DECODER_RUNS = {
     "slimfit_stream": RUNS["slimfit_stream"].variant("slimfit_stream", session=dataclasses.replace(
         RUNS["slimfit_stream"].session, chunked_loss=True)),
 }
+#: every tensor rotating (the LM head too: it is pretrained, not a new head), the rate a
+#: fraction of the bytes: a step trains at most 7% of them (at Llama-3-8B width the
+#: embedding and the head are 6.5% each: the highest rate at which they still train is 0.934)
+DECODER_RUNS["slimfit_stream_bytes"] = DECODER_RUNS["slimfit_stream"].variant(
+    "slimfit_stream_bytes", session=dataclasses.replace(
+        DECODER_RUNS["slimfit_stream"].session, freezing=dataclasses.replace(
+            DECODER_RUNS["slimfit_stream"].session.freezing, freeze_rate=0.93, rate_of="bytes",
+            train_new_heads=False)))
+DECODER_RUNS["slimfit_stream_bytes_8bit"] = DECODER_RUNS["slimfit_stream_bytes"].variant(
+    "slimfit_stream_bytes_8bit", optimizer="adamw8bit")
+#: the least device memory short of activation offload: the same with the gated MLPs'
+#: operands in 4 bits (groups of 32; gradient cosine >= 0.99, docs/results.md)
+DECODER_RUNS["slimfit_lean"] = DECODER_RUNS["slimfit_stream_bytes_8bit"].variant(
+    "slimfit_lean", session=dataclasses.replace(
+        DECODER_RUNS["slimfit_stream_bytes_8bit"].session,
+        compression=CompressionConfig(mlp=Treatment(method="int4", group_size=32))))
+#: ... with the (tied) embedding kept frozen, as many LLM recipes do
+DECODER_RUNS["slimfit_lean_frozen_embedding"] = DECODER_RUNS["slimfit_lean"].variant(
+    "slimfit_lean_frozen_embedding", session=dataclasses.replace(
+        DECODER_RUNS["slimfit_lean"].session, freezing=dataclasses.replace(
+            DECODER_RUNS["slimfit_lean"].session.freezing,
+            exclude=r"model\.embed_tokens\.weight|lm_head\.weight")))
+
+
+def with_rate(run: Run, rate: float) -> Run:
+    """``run`` at freezing rate ``rate`` (runs without freezing as they are)."""
+    if run.session is None or run.session.freezing is None:
+        return run
+    return run.variant(run.name, session=dataclasses.replace(run.session, freezing=dataclasses.replace(
+        run.session.freezing, freeze_rate=rate)))
 
 
 # -- saved activations at BERT-base width ----------------------------------------------------
@@ -122,14 +162,39 @@ def cosine_line(model, batch) -> str:
 
 # -- the whole step at LLM width --------------------------------------------------------------
 
-def step_bytes(shape: str, run: Run, layers: int, batch: int, seq: int) -> dict[str, int]:
-    """The planner's steady-state bound of ``run`` on ``shape`` with ``layers`` blocks."""
+def candidate_bytes(model: torch.nn.Module, freezing: SlimFitConfig) -> int:
+    """The bytes of ``freezing``'s candidate units in ``model``."""
+    units = LayerFreezer(model, dataclasses.replace(freezing, freeze_rate=0.0)).units
+    return sum(p.numel() * p.element_size() for u in units for p in u.params)
+
+
+def full_depth_budget(shape: str, freezing: SlimFitConfig) -> int:
+    """Under ``rate_of="bytes"``, the most bytes a step of the full-depth model
+    trains (its candidates counted on the meta device: no memory)."""
+    with torch.device("meta"):
+        model = llm(shape, dtype=torch.bfloat16)
+    # refuses a rate at which a unit could never train
+    return LayerFreezer(model, freezing).scheduler.trained_bytes_budget
+
+
+def step_bytes(shape: str, run: Run, layers: int, batch: int, seq: int,
+               budget: int | None = None) -> dict[str, int]:
+    """The planner's steady-state bound of ``run`` on ``shape`` with ``layers``
+    blocks; ``budget`` (``rate_of="bytes"``): the trained bytes per step to keep
+    (the full-depth model's), the rate of the shallow model set to match."""
     torch.manual_seed(0)
     model = run.apply(llm(shape, layers=layers, dtype=torch.bfloat16))
     b = lm_batch(model, n=batch, seq=seq)
     loss = lambda: model(**b).loss  # noqa: E731
     make = lambda ps: build_optimizer(run.optimizer, ps, lr=1e-5)  # noqa: E731
     config = run.session or SessionConfig()
+    if budget is not None:
+        rate = 1.0 - budget / candidate_bytes(model, config.freezing)
+        if rate < 0:
+            raise SystemExit(f"{layers} layers of {shape} hold fewer candidate bytes than the "
+                             f"full-depth budget ({budget}); measure at more layers (--layers).")
+        config = dataclasses.replace(config, freezing=dataclasses.replace(config.freezing,
+                                                                          freeze_rate=rate))
     if config.stream is not None:  # one block resident: the least weight memory streaming allows
         config = dataclasses.replace(config, stream=dataclasses.replace(config.stream, resident=2,
                                                                         prefetch=1))
@@ -151,7 +216,8 @@ def extrapolate(points: dict[int, dict[str, int]], depth: int) -> dict[str, int]
             for c in ("parameters", "gradients", "optimizer_state", "activations", "total")}
 
 
-def step_table(shape: str, runs: list[str], layers: list[int], batch: int, seq: int) -> list[str]:
+def step_table(shape: str, runs: list[str], layers: list[int], batch: int, seq: int,
+               rate: float | None = None) -> list[str]:
     s = SHAPES[shape]
     lines = [f"### {shape} at full depth ({s.layers} layers) from {layers} layers measured: "
              f"batch {batch} x {seq}, bf16, SDPA, loss from labels\n",
@@ -159,14 +225,17 @@ def step_table(shape: str, runs: list[str], layers: list[int], batch: int, seq: 
              "|---|---:|---:|---:|---:|---:|---:|"]
     totals = {}
     for name in runs:
-        run = DECODER_RUNS[name]
-        points = {n: step_bytes(shape, run, n, batch, seq) for n in layers}
+        run = DECODER_RUNS[name] if rate is None else with_rate(DECODER_RUNS[name], rate)
+        f = run.session.freezing if run.session is not None else None
+        budget = full_depth_budget(shape, f) if f is not None and f.rate_of == "bytes" else None
+        points = {n: step_bytes(shape, run, n, batch, seq, budget) for n in layers}
         e = extrapolate(points, s.layers)
         totals[name] = e["total"]
-        base = totals.get("full", e["total"])
+        base = totals.get("full")  # None: full fine-tuning not in this run
         lines.append(f"| {name}: {run.label()} | " + " | ".join(
             format_bytes(e[c]) for c in ("parameters", "gradients", "optimizer_state", "activations",
-                                         "total")) + f" | {base / e['total']:.2f}x smaller |")
+                                         "total"))
+            + (f" | {base / e['total']:.2f}x smaller |" if base else " | (full not run) |"))
         print(lines[-1], flush=True)
     return lines
 
@@ -204,6 +273,8 @@ def main(argv=None) -> list[str]:
     b.add_argument("--layers", type=int, nargs=2, default=[2, 4])
     b.add_argument("--batch", type=int, default=4)
     b.add_argument("--seq", type=int, default=2048)
+    b.add_argument("--freeze-rate", type=float, default=None,
+                   help="every SlimFit run at this rate instead of its own")
     v = sub.add_parser("validate")
     v.add_argument("--shape", default="llama-bert-width", choices=list(SHAPES))
     v.add_argument("--depth", type=int, default=16)
@@ -213,7 +284,8 @@ def main(argv=None) -> list[str]:
     elif args.what == "step":
         if "full" in args.runs:
             args.runs = ["full", *(r for r in args.runs if r != "full")]
-        lines = step_table(args.shape, args.runs, args.layers, args.batch, args.seq)
+        lines = step_table(args.shape, args.runs, args.layers, args.batch, args.seq,
+                           args.freeze_rate)
     else:
         lines = validate(args.shape, args.depth)
     print("\n".join(lines))
