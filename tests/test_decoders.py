@@ -134,15 +134,18 @@ def test_chunked_loss_refuses_what_it_cannot_chunk():
 # -- compression of decoder blocks ------------------------------------------------------------
 
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("family", ALL)
-def test_compressed_decoders_keep_gradient_fidelity(family, bf16):
+@pytest.mark.parametrize("family,mlp", [(f, "int8") for f in ALL] + [
+    ("llama", "int4"), ("phi3", "int4")])  # the decoder bench's lean runs: 4-bit SwiGLU operands
+def test_compressed_decoders_keep_gradient_fidelity(family, mlp, bf16):
     """Every trainable tensor's gradient with compression (every saved tensor
     treated: min_numel=0) against the uncompressed step: cosine >= 0.99."""
     torch.manual_seed(0)
     model = decoder(family).eval()
     batch = lm_batch(model)
     _, ref = _grads(model, batch, bf16=bf16)
-    comp = SessionConfig(compression=slimfit.CompressionConfig(min_numel=0),
+    treat = {} if mlp == "int8" else {"mlp": slimfit.compression.config.Treatment(
+        method="int4", group_size=32)}
+    comp = SessionConfig(compression=slimfit.CompressionConfig(min_numel=0, **treat),
                          chunked_loss=family in CAUSAL)
     _, got = _grads(model, batch, comp, bf16=bf16)
     big = max(g.norm() for g in ref.values())
@@ -230,7 +233,7 @@ def test_the_step_bench_measures_a_bytes_rate_at_the_full_depth_budget(monkeypat
     run = bd.DECODER_RUNS["slimfit_stream_bytes"]
     run = run.variant("t", session=dataclasses.replace(run.session, freezing=dataclasses.replace(
         run.session.freezing, freeze_rate=0.8)))
-    budget = bd.full_depth_budget("tiny-llama", run.session.freezing)
+    budget = bd.full_depth_budget("tiny-llama", run)
     deep = bd.candidate_bytes(bd.llm("tiny-llama", dtype=torch.bfloat16), run.session.freezing)
     assert abs(budget - 0.2 * deep) <= 1
     points = {n: bd.step_bytes("tiny-llama", run, n, 1, 16, budget) for n in (4, 6)}
@@ -238,7 +241,5 @@ def test_the_step_bench_measures_a_bytes_rate_at_the_full_depth_budget(monkeypat
     # the same up to AdamW's per-tensor step counters in the bytes-per-byte rate
     assert points[4]["optimizer_state"] == pytest.approx(points[6]["optimizer_state"], rel=1e-3)
     with pytest.raises(SystemExit, match="fewer candidate bytes than the full-depth budget"):
-        bd.step_bytes("tiny-llama", run.variant("t2", session=dataclasses.replace(
-            run.session, freezing=dataclasses.replace(run.session.freezing, freeze_rate=0.3))),
-            1, 1, 16, bd.full_depth_budget("tiny-llama", dataclasses.replace(
-                run.session.freezing, freeze_rate=0.3)))
+        low = bd.with_rate(run, 0.3)
+        bd.step_bytes("tiny-llama", low, 1, 1, 16, bd.full_depth_budget("tiny-llama", low))

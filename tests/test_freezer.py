@@ -283,6 +283,7 @@ def test_a_bytes_rate_trains_within_its_budget_and_resumes_identically():
                     for f in freezer.history.frozen_sets()]
     assert all(0 < sum(sizes[i] for i in t) <= budget for t in trained_sets)
     assert len({len(t) for t in trained_sets}) > 1  # the count follows the units' sizes
+    assert "freeze rate 0.6 of the bytes (at most" in freezer.describe()
     resumed = LayerFreezer(model, freeze_rate=0.6, rate_of="bytes", seed=7)
     resumed.load_state_dict(freezer.state_dict())
     assert [resumed.decide() for _ in range(5)] == [freezer.decide() for _ in range(5)]

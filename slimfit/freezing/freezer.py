@@ -17,8 +17,8 @@ skip a parameter whose gradient is ``None``, so a frozen tensor is
 bit-identical after the step (weight decay and momentum included). Autograd
 then neither computes its weight gradient nor saves the input kept only for it.
 
-New heads (:mod:`slimfit.freezing.heads`) are taken out of the candidates and trained
-every step unless ``train_new_heads=False``. A step whose loss or scores are
+New heads (:mod:`slimfit.freezing.heads`) train every step unless
+``train_new_heads=False``. A step whose loss or scores are
 NaN/inf is recorded like a skipped step (its scores never reach the
 scheduler), with one warning per freezer or a :class:`NonFiniteError`.
 """
@@ -41,6 +41,7 @@ from slimfit.freezing.heads import HeadReport, without_new_heads
 from slimfit.freezing.history import FreezeHistory
 from slimfit.freezing.policies import make_policy
 from slimfit.freezing.scores import WeightSnapshot
+from slimfit.memory.report import format_bytes
 from slimfit.parts import Context, Part, Step
 from slimfit.evidence import short_budget_note
 from slimfit.selection import Selection, iter_parameters, select_units
@@ -294,6 +295,8 @@ class LayerFreezer(Part):
         policy = f"score {c.score!r}, selection {c.selection!r}"
         if c.policy != "slimfit":
             policy = self.scheduler.describe()
+        elif c.reserve_fraction and c.rate_of == "bytes":
+            policy += f", {c.reserve_fraction:g} of the trained bytes for the longest-frozen units"
         elif c.reserve_fraction:
             n_train = self.scheduler.num_trained
             policy += (f", {self.scheduler.reserved_slots(n_train)} of the {n_train} trained slots "
@@ -304,15 +307,18 @@ class LayerFreezer(Part):
             policy += f", trained again after {c.max_frozen_age} frozen steps"
         heads = (f"new heads always trained: {self.heads.describe()}" if c.train_new_heads
                  else "new heads: candidates like any layer (train_new_heads=False)")
-        return (f"SlimFit: {len(self.units)} units, freeze rate {c.freeze_rate} "
-                f"({self.num_frozen} frozen per step); {policy}"
+        return (f"SlimFit: {len(self.units)} units, {self._rate()}; {policy}"
                 + (f"; trained step x{self.lr_scale:.3g}" if self.lr_scale != 1.0 else "") + "\n"
                 f"  {self.selection}\n  {heads}")
 
+    def _rate(self) -> str:
+        r, budget = self.config.freeze_rate, self.scheduler.trained_bytes_budget
+        return (f"freeze rate {r} ({self.num_frozen} frozen per step)" if budget is None else
+                f"freeze rate {r} of the bytes (at most {format_bytes(budget)} trained per step)")
+
     def summary(self, top: int | None = None) -> str:
         """Markdown table: how often each unit was frozen, most frozen first."""
-        head = (f"SlimFit: {len(self.units)} units, freeze rate {self.config.freeze_rate} "
-                f"({self.num_frozen} frozen per step), {len(self.history)} steps recorded\n")
+        head = f"SlimFit: {len(self.units)} units, {self._rate()}, {len(self.history)} steps recorded\n"
         if self.heads.names:
             head += f"New heads always trained: {self.heads.describe()}\n"
         if self.nonfinite_steps:

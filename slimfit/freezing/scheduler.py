@@ -24,7 +24,7 @@ the rotating *bytes*: each step trains units of at most ``(1 - r)`` of their
 total bytes, filled in the same order, a unit that does not fit in what is
 left being passed over for the next that does (the number trained varies
 from step to step). Units differ in size (at Llama-3-8B width a 1 GiB
-embedding beside 24 MiB key projections), so a count bounds nothing that a
+embedding beside 8 MiB key projections), so a count bounds nothing that a
 memory budget can use; this bounds the trained set's gradients and
 optimizer state by the rate.
 
@@ -150,8 +150,9 @@ class InterLayerScheduler:
                 f"with rate_of='bytes' and freeze_rate={self.freeze_rate}, a step trains at most "
                 f"{self.trained_bytes_budget} of {total} bytes, but unit {self.names[big]!r} alone "
                 f"has {b[big]}: it could never train. Use freeze_rate <= "
-                f"{math.floor(1000 * (1 - b[big] / total)) / 1000}, exclude the unit (exclude=...), "
-                "or rate_of='units'.")
+                f"{math.floor(1000 * (1 - b[big] / total)) / 1000}, freeze the unit yourself "
+                "(requires_grad_(False) before SlimFit sees the model), train it every step "
+                "(exclude=...), or use rate_of='units'.")
 
     @property
     def rate_of(self) -> str:
