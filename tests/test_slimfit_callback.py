@@ -69,6 +69,18 @@ def test_exact_frozen_count_and_frozen_tensors_bit_identical(tmp_path, optimizer
     assert all(p.requires_grad for p in lit.parameters())  # restored after fit
 
 
+def test_a_bytes_rate_keeps_every_step_within_its_budget(tmp_path):
+    sf, spy = SlimFit(freeze_rate=0.7, rate_of="bytes"), StepSpy()
+    lit = lit_module(lr=1e-2)
+    trainer(tmp_path, max_steps=10, callbacks=[sf, spy]).fit(lit, token_loader(n=40))
+    params, f = dict(lit.named_parameters()), sf.freezer
+    candidates = {n for u in f.units for n in u.param_names}
+    size = {n: params[n].numel() * params[n].element_size() for n in candidates}
+    trained = [sum(size[n] for n in candidates - frozen) for frozen in spy.frozen_per_batch]
+    assert all(0 < b <= f.scheduler.trained_bytes_budget for b in trained)
+    assert spy.violations == []
+
+
 def test_gradient_accumulation_decides_per_optimizer_step(tmp_path):
     sf, spy = SlimFit(freeze_rate=0.8), StepSpy()
     trainer(tmp_path, max_steps=4, accumulate_grad_batches=3, callbacks=[sf, spy]).fit(
