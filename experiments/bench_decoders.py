@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import math
 import statistics
 
 import torch
@@ -106,12 +105,23 @@ def build(shape: str, run: Run, layers: int | None = None) -> torch.nn.Module:
         model.get_input_embeddings().weight.requires_grad_(False)
     return model
 
+
 def with_rate(run: Run, rate: float) -> Run:
     """``run`` at freezing rate ``rate`` (runs without freezing as they are)."""
     if run.session is None or run.session.freezing is None:
         return run
     return run.variant(run.name, session=dataclasses.replace(run.session, freezing=dataclasses.replace(
         run.session.freezing, freeze_rate=rate)))
+
+
+def prepared(name: str, rate: float | None, shape: str, depth: int | None = None
+             ) -> tuple[Run, int | None]:
+    """Run ``name`` (at ``rate`` if given) and, under a byte rate, the byte budget
+    of its model at ``depth`` (default: the shape's) that every depth measures at."""
+    run = DECODER_RUNS[name] if rate is None else with_rate(DECODER_RUNS[name], rate)
+    f = run.session.freezing if run.session is not None else None
+    return run, (full_depth_budget(shape, run, depth) if f is not None and f.rate_of == "bytes"
+                 else None)
 
 
 # -- saved activations at BERT-base width ----------------------------------------------------
@@ -240,9 +250,7 @@ def step_table(shape: str, runs: list[str], layers: list[int], batch: int, seq: 
              "|---|---:|---:|---:|---:|---:|---:|"]
     totals = {}
     for name in runs:
-        run = DECODER_RUNS[name] if rate is None else with_rate(DECODER_RUNS[name], rate)
-        f = run.session.freezing if run.session is not None else None
-        budget = full_depth_budget(shape, run) if f is not None and f.rate_of == "bytes" else None
+        run, budget = prepared(name, rate, shape)
         points = {n: step_bytes(shape, run, n, batch, seq, budget) for n in layers}
         e = extrapolate(points, s.layers)
         totals[name] = e["total"]
@@ -267,10 +275,7 @@ def validate(family_shape: str = "llama-bert-width", depth: int = 16, batch: int
              f"batch {batch} x {seq}\n",
              "| run | extrapolated total | measured total | error |", "|---|---:|---:|---:|"]
     for name in runs:
-        run = DECODER_RUNS[name] if rate is None else with_rate(DECODER_RUNS[name], rate)
-        f = run.session.freezing if run.session is not None else None
-        budget = full_depth_budget(family_shape, run, depth) \
-            if f is not None and f.rate_of == "bytes" else None
+        run, budget = prepared(name, rate, family_shape, depth)
         est = extrapolate({n: step_bytes(family_shape, run, n, batch, seq, budget)
                            for n in layers}, depth)
         real = step_bytes(family_shape, run, depth, batch, seq, budget)
