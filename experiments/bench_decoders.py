@@ -189,7 +189,7 @@ def cosine_line(model, batch) -> str:
 def candidate_bytes(model: torch.nn.Module, freezing: SlimFitConfig) -> int:
     """The bytes of ``freezing``'s candidate units in ``model``."""
     units = LayerFreezer(model, dataclasses.replace(freezing, freeze_rate=0.0)).units
-    return sum(p.numel() * p.element_size() for u in units for p in u.params)
+    return sum(u.nbytes for u in units)
 
 
 def full_depth_budget(shape: str, run: Run, depth: int | None = None) -> int:

@@ -154,6 +154,11 @@ class Unit:
     def numel(self) -> int:
         return sum(p.numel() for p in self.params)
 
+    @property
+    def nbytes(self) -> int:
+        """The unit's bytes (a DTensor counts whole: the same on every rank)."""
+        return sum(p.numel() * p.element_size() for p in self.params)
+
 
 @dataclasses.dataclass(frozen=True)
 class Selection:

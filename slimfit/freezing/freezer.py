@@ -88,8 +88,7 @@ class LayerFreezer(Part):
         self.units = self.selection.units
         self.names = [u.name for u in self.units]
         #: the policy that decides each step's frozen set (slimfit.freezing.policies)
-        self.scheduler = make_policy(self.names, c, [
-            sum(p.numel() * p.element_size() for p in u.params) for u in self.units])
+        self.scheduler = make_policy(self.names, c, [u.nbytes for u in self.units])
         t = len(self.units)
         trained = 1.0 - c.freeze_rate if c.trained_units is None else (t - self.num_frozen) / t
         self.lr_scale = c.lr_scale(trained)  # the step factor of trained units

@@ -127,7 +127,10 @@ class InterLayerScheduler:
             raise SlimFitError(f"num_frozen must be in [0, {len(names)}), got {num_frozen!r}.")
         self._num_frozen = num_frozen  # None: floor(freeze_rate * t)
         self.unit_bytes = None if unit_bytes is None else [int(b) for b in unit_bytes]
+        self._budget = None  # the byte budget, fixed by the sizes and the rate
         if self.unit_bytes is not None:
+            # + 1e-6: (1 - 0.8) * 5000 is 999.99999... in floats
+            self._budget = math.floor((1.0 - self.freeze_rate) * sum(self.unit_bytes) + 1e-6)
             self._check_bytes(num_frozen)
         self.max_frozen_age = max_frozen_age
         self.scores: list[float | None] = [None] * len(names)  # None: never measured
@@ -163,10 +166,7 @@ class InterLayerScheduler:
     def trained_bytes_budget(self) -> int | None:
         """With ``unit_bytes``: ``floor((1 - r) * total bytes)``, the most a step
         trains (``None``: the rate counts units)."""
-        if self.unit_bytes is None:
-            return None
-        # + 1e-6: (1 - 0.8) * 5000 is 999.99999... in floats
-        return math.floor((1.0 - self.freeze_rate) * sum(self.unit_bytes) + 1e-6)
+        return self._budget
 
     @property
     def num_frozen(self) -> int:
@@ -238,7 +238,6 @@ class InterLayerScheduler:
         Consumes random numbers: call once per optimizer step.
         """
         t = len(self.names)
-        n_train = self.num_trained
         ties = [self._rng.random() for _ in range(t)]  # one per unit, as always
         scores, ages, cap = self.effective_scores(), self.ages, self.max_frozen_age
         first, rest = [], []  # (1) never measured, (2) forced by age; the rest
@@ -252,6 +251,7 @@ class InterLayerScheduler:
         first.sort(reverse=True)
         if self.unit_bytes is not None:
             return self._decide_bytes([i for *_, i in first], rest, scores, ages, ties)
+        n_train = self.num_trained
         trained = [i for *_, i in first[:n_train]]
         # (3) reserved slots: the least recently trained (largest age) of the rest
         n_res = min(self.reserved_slots(n_train), n_train - len(trained))

@@ -173,7 +173,7 @@ def _expected(rep: MemoryReport, opt: torch.optim.Optimizer, freezer: LayerFreez
     if freezer is None:
         trainable = all_bytes
     else:
-        unit_bytes = [nbytes(u.params) for u in freezer.units]
+        unit_bytes = [u.nbytes for u in freezer.units]
         trainable = all_bytes - sum(unit_bytes) + _largest_trained(unit_bytes, freezer)
     resident = trainable if config.offload_optimizer_state else all_bytes
     grads = trainable  # gradients have their parameters' size
@@ -221,7 +221,7 @@ def calibrate(model: nn.Module, make_optimizer: Callable[[list], torch.optim.Opt
         freezer = session.freezer if freezes else None
         extra = _worst_dynamic(
             inputs, frozen, session.freezer.scheduler.num_trained,
-            [sum(p.numel() * p.element_size() for p in u.params) for u in session.units],
+            [u.nbytes for u in session.units],
             session.freezer.scheduler.trained_bytes_budget) if freezer is not None else 0
         # activations at the planned batch: proportional (an upper bound), or on
         # the line through this batch and a smaller one (same frozen set); the

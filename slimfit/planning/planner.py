@@ -317,7 +317,7 @@ def _search(evaluate, plan, model, base: SessionConfig, max_rate: float, stream:
     units = LayerFreezer(model, dataclasses.replace(base.freezing, freeze_rate=0.0)).units
     n_units = len(units)
     if base.freezing.rate_of == "bytes":  # no rate at which the largest unit could never train
-        sizes = [sum(p.numel() * p.element_size() for p in u.params) for u in units]
+        sizes = [u.nbytes for u in units]
         max_rate = min(max_rate, 1.0 - max(sizes) / sum(sizes) - 1e-6)
     k_max = int(max_rate * n_units)  # frozen units at the highest rate allowed
     # exact techniques, fastest first; the last is the most capable (offload and
