@@ -54,3 +54,41 @@ def test_one_task_gives_no_interval_and_the_report_says_so():
 
 def test_no_policy_runs_no_report():
     assert policies.report([run("movie", "full", 0, 0.8, 0.8)]) == ""
+
+
+def test_family_is_the_method_an_arm_sets():
+    assert [policies.family(a) for a in ("lisa-lrx-k5", "lora@lr2e-3", "slimfit-release",
+                                         "badam")] == ["lisa", "lora", "slimfit", "badam"]
+
+
+CHOICE_RUNS = [run(t, "full", s, 0.80, 0.80) for t in ("movie2k", "trec50", "tweets") for s in (0, 1)]
+CHOICE_RUNS += [
+    # lisa: the better test gap but the worse validation gap: validation chooses
+    *(run(t, "lisa", 0, 0.70, 0.79) for t in ("movie2k", "trec50", "tweets")),
+    *(run(t, "lisa-lrx-k5", 0, 0.78, 0.60) for t in ("movie2k", "trec50", "tweets")),
+    # a second seed of lisa-lrx-k5 only: not shared, so not compared (it would lose)
+    *(run(t, "lisa-lrx-k5", 1, 0.10, 0.10) for t in ("movie2k", "trec50", "tweets")),
+    # only two tasks: not a candidate however good
+    *(run(t, "lisa-k50", 0, 0.99, 0.99) for t in ("movie2k", "trec50")),
+    # released state: the state table's question, never the family's choice
+    *(run(t, "lisa-release", 0, 0.95, 0.95, mem=40 * 2**20) for t in ("movie2k", "trec50", "tweets")),
+]
+
+
+def test_validation_chooses_each_family_on_shared_seeds():
+    c = policies.choices(CHOICE_RUNS)
+    assert list(c) == ["lisa"]
+    assert c["lisa"]["arm"] == "lisa-lrx-k5"
+    assert c["lisa"]["candidates"] == ["lisa", "lisa-lrx-k5"]
+    assert c["lisa"]["val"] == pytest.approx(-2.0)  # seed 0 only, shared by both
+    # the family then reports its chosen arm's test gap over all of its seeds
+    assert c["lisa"]["test"]["mean"] == pytest.approx(statistics.mean([-20.0, -70.0]))
+
+
+def test_released_state_is_paired_with_its_kept_twin():
+    e = policies.state_effect(CHOICE_RUNS, "lisa-release")
+    assert e["kept"] == "lisa" and e["seeds"] == {"movie2k": 1, "trec50": 1, "tweets": 1}
+    assert e["mean"] == pytest.approx(16.0) and e["half_width"] == pytest.approx(0.0)
+    assert e["memory"] == {"lisa-release": 40 * 2**20, "lisa": 100 * 2**20}
+    assert "| lisa-release - lisa | movie2k (1), trec50 (1), tweets (1) | +25.00 | +16.00" \
+        in policies.report(CHOICE_RUNS)
