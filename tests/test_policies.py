@@ -53,6 +53,31 @@ def test_badam_trains_blocks_of_consecutive_units_in_turn(order, first_round):
     assert all(trained[i] == trained[i + 1] for i in range(0, 12, 2))  # K = 2 steps each
 
 
+@pytest.mark.parametrize("order", ["ascending", "descending", "random"])
+@pytest.mark.parametrize("interval, steps", [(5, 40), (5, 41), (4, 23), (50, 375), (100, 375),
+                                             (41, 375)])
+def test_badam_warns_exactly_when_a_run_leaves_blocks_untrained(order, interval, steps):
+    names = [f"u{i}" for i in range(53)]  # MiniLM's count: 9 blocks of 6 at r = 0.9
+    p = BAdamPolicy(names, num_frozen=47, interval=interval, order=order, seed=1)
+    note = p.run_note(steps)
+    active = set()  # the blocks that trained in some step
+    for _ in range(steps):
+        frozen = p.decide()
+        p.update(frozen, None)
+        active.add(frozenset(set(range(53)) - set(frozen)))
+    untrained = [b for b in p.blocks if frozenset(b) not in active]
+    if not untrained:
+        assert note is None
+    else:
+        assert f"{len(untrained)} of the {len(p.blocks)} blocks would never train" in note
+        assert f"interval <= {steps // len(p.blocks)}" in note
+        if order != "random":  # it names where they start
+            assert all(repr(names[b[0]]) in note for b in untrained[:4])
+    fixed = BAdamPolicy(names, num_frozen=47, interval=max(1, steps // len(p.blocks)), order=order)
+    assert fixed.run_note(steps) is None  # the advice works
+    assert p.run_note(float("inf")) is None  # an open-ended run has no length
+
+
 def test_badam_random_order_visits_every_block_once_a_round():
     p = BAdamPolicy([f"u{i}" for i in range(9)], num_frozen=6, interval=1, order="random", seed=3)
     seen = []
@@ -194,3 +219,14 @@ def test_two_ranks_stay_identical(tmp_path, policy, fresh_master_port):
     assert r0["history"] == r1["history"] and len(r0["history"]) == 8
     for k, v in r0["params"].items():
         assert torch.equal(v, r1["params"][k]), k
+
+
+def test_the_callback_warns_when_a_badam_run_leaves_blocks_untrained(tmp_path):
+    from slimfit import ShortBudgetWarning
+    with pytest.warns(ShortBudgetWarning) as rec:  # 21 units at r = 0.5: 2 blocks of 11
+        trainer(tmp_path, max_steps=4, callbacks=[SlimFit(freeze_rate=0.5, policy="badam",
+                                                          interval=5)]).fit(
+            lit_module(), token_loader())
+    notes = [str(w.message) for w in rec if "badam" in str(w.message)]
+    assert len(notes) == 1 and "1 of the 2 blocks would never train" in notes[0]
+    assert "interval <= 2" in notes[0]

@@ -128,8 +128,9 @@ class LayerFreezer(Part):
         self.restore()
 
     def run_notes(self, total_steps: float) -> list[str]:
-        note = short_budget_note(total_steps, self.scheduler.num_trained, len(self.units))
-        return [note] if note is not None else []
+        notes = (short_budget_note(total_steps, self.scheduler.num_trained, len(self.units)),
+                 self.scheduler.run_note(total_steps))
+        return [n for n in notes if n is not None]
 
     def write_files(self, out: pathlib.Path) -> dict[str, pathlib.Path]:
         """The freezing heatmap (unit x step) and the summary table (nothing before

@@ -26,6 +26,7 @@ under them (no extra memory, no sync) unless a step scale asks for one.
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any, Sequence
 
@@ -124,6 +125,11 @@ class RotationPolicy:
 
     def describe(self) -> str:
         return f"policy {self.name!r}: {self.num_trained} units kept for {self.interval} steps"
+
+    def run_note(self, total_steps: float) -> str | None:
+        """A warning about a run of ``total_steps`` optimizer steps under this
+        policy (``None``: nothing to say; an open-ended run has no length)."""
+        return None
 
     # -- checkpointing -------------------------------------------------------
     def _extra_state(self) -> dict[str, Any]:
@@ -245,6 +251,29 @@ class BAdamPolicy(RotationPolicy):
     def describe(self) -> str:
         return (f"policy 'badam': {len(self.blocks)} blocks of {self.num_trained} consecutive "
                 f"units, {self.order}, each for {self.interval} steps")
+
+    def run_note(self, total_steps: float) -> str | None:
+        """Warns when the run ends before the last block of the first round
+        starts (every block trains K steps in turn): some blocks never train (under ``"ascending"`` the ones nearest the
+        output, under ``"descending"`` the embeddings). The policy study's
+        375-step runs on MiniLM (9 blocks) are such runs at BAdam's K = 50."""
+        n_blocks, k = len(self.blocks), self.interval
+        if not math.isfinite(total_steps) or total_steps <= 0:
+            return None
+        trained = min(n_blocks, math.ceil(total_steps / k))  # blocks reached in this run
+        if trained == n_blocks:
+            return None
+        never = {"ascending": range(trained, n_blocks),
+                 "descending": range(n_blocks - trained)}.get(self.order)  # random: unknown
+        starts = [repr(self.names[self.blocks[b][0]]) for b in never or ()]
+        which = ("" if not starts else f" (the block starting at unit {starts[0]})"
+                 if len(starts) == 1 else f" (the blocks starting at units "
+                 f"{', '.join(starts[:4])}{', ...' if len(starts) > 4 else ''})")
+        return (f"policy 'badam': {n_blocks} blocks x interval {k} = {n_blocks * k} steps per "
+                f"round, more than this run's {total_steps:.0f}: {n_blocks - trained} of the "
+                f"{n_blocks} blocks would never train{which}. Set interval <= "
+                f"{max(1, int(total_steps // n_blocks))} (SlimFitConfig(interval=...), Hydra "
+                f"+slimfit.interval=...) for every block to train at least once.")
 
     def _extra_state(self) -> dict[str, Any]:
         return {"order": self.order, "queue": list(self._queue)}

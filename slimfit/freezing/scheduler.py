@@ -222,6 +222,10 @@ class InterLayerScheduler:
     def initial_pass_done(self) -> bool:
         return all(s is not None for s in self.scores)
 
+    def run_note(self, total_steps: float) -> str | None:
+        """Nothing beyond the evidence's note (the freezer's ``short_budget_note``)."""
+        return None
+
     def effective_scores(self) -> list[float | None]:
         """Scores as the next decision sees them: a stale score divided by
         ``frozen_score_decay ** age`` (``None``: never measured)."""
