@@ -8,11 +8,12 @@ How it reads the runs, and why:
 - A gap is paired: the arm minus full fine-tuning at the same task and seed.
 - Each family (the score policy, LISA, BAdam, LoRA: the arm name up to its
   first ``-`` or ``@``) has one chosen arm: of its arms that ran on every
-  task with the frozen units' optimizer state kept (a ``-release`` arm is
-  the state option's question, compared with its kept twin on their shared
-  seeds in a table of its own), the one with the best mean validation gap over the seeds all of them
-  share on each task (a sweep ran at seed 0, so that is where a K or an lr is
-  compared); its test gap, over all its seeds, is what the family reports.
+  task with the frozen units' optimizer state kept, the one with the best
+  mean validation gap over the seeds all of them share on each task (a
+  sweep ran at seed 0, so that is where a K or an lr is compared); its test
+  gap, over all its seeds, is what the family reports. A ``-release`` arm is
+  the state option's question: it is compared with its kept twin on their
+  shared seeds, in a table of its own.
 - The interval has tasks as its units, not runs: per task the mean paired gap
   over its seeds, then the mean over tasks with a 95% Student-t interval on
   (tasks - 1) degrees of freedom. Seeds of one task are not independent

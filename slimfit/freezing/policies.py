@@ -254,9 +254,10 @@ class BAdamPolicy(RotationPolicy):
 
     def run_note(self, total_steps: float) -> str | None:
         """Warns when the run ends before the last block of the first round
-        starts (every block trains K steps in turn): some blocks never train (under ``"ascending"`` the ones nearest the
-        output, under ``"descending"`` the embeddings). The policy study's
-        375-step runs on MiniLM (9 blocks) are such runs at BAdam's K = 50."""
+        starts (every block trains K steps in turn): those blocks never train
+        (under ``"ascending"`` the ones nearest the output, under
+        ``"descending"`` the embeddings). The policy study's 375-step runs on
+        MiniLM (9 blocks) are such runs at BAdam's K = 50."""
         n_blocks, k = len(self.blocks), self.interval
         if not math.isfinite(total_steps) or total_steps <= 0:
             return None
@@ -264,11 +265,14 @@ class BAdamPolicy(RotationPolicy):
         if trained == n_blocks:
             return None
         never = {"ascending": range(trained, n_blocks),
-                 "descending": range(n_blocks - trained)}.get(self.order)  # random: unknown
-        starts = [repr(self.names[self.blocks[b][0]]) for b in never or ()]
-        which = ("" if not starts else f" (the block starting at unit {starts[0]})"
-                 if len(starts) == 1 else f" (the blocks starting at units "
-                 f"{', '.join(starts[:4])}{', ...' if len(starts) > 4 else ''})")
+                 "descending": range(n_blocks - trained)}.get(self.order, ())  # random: unknown
+        starts = [repr(self.names[self.blocks[b][0]]) for b in never]
+        which = ""
+        if len(starts) == 1:
+            which = f" (the block starting at unit {starts[0]})"
+        elif starts:
+            more = ", ..." if len(starts) > 4 else ""
+            which = f" (the blocks starting at units {', '.join(starts[:4])}{more})"
         return (f"policy 'badam': {n_blocks} blocks x interval {k} = {n_blocks * k} steps per "
                 f"round, more than this run's {total_steps:.0f}: {n_blocks - trained} of the "
                 f"{n_blocks} blocks would never train{which}. Set interval <= "
