@@ -86,16 +86,28 @@ def choices(runs: list[dict]) -> dict[str, dict]:
     return out
 
 
+def _over_tasks(gaps: dict[str, list[float]]) -> dict:
+    """Per-task gaps (points, one per seed) to the mean over tasks of their
+    per-task means, with its 95% Student-t interval (tasks as units; ``None``
+    below two tasks)."""
+    per_task = {t: statistics.mean(g) for t, g in gaps.items()}
+    vals = list(per_task.values())
+    half = (T95.get(len(vals) - 1, 1.96) * statistics.stdev(vals) / len(vals) ** 0.5
+            if len(vals) > 1 else None)
+    return {"tasks": per_task, "seeds": {t: len(g) for t, g in gaps.items()},
+            "mean": statistics.mean(vals) if vals else None, "half_width": half}
+
+
+def _interval(summary: dict, alone: str = "") -> str:
+    """`` [lo, hi]`` of a summary's interval, or ``alone`` when it has none."""
+    m, h = summary["mean"], summary["half_width"]
+    return f" [{m - h:+.2f}, {m + h:+.2f}]" if h is not None else alone
+
+
 def arm_summary(runs: list[dict], arm: str, split: str = "test") -> dict:
     """Mean over tasks of the per-task mean paired gap, with its 95% interval
     (tasks as units; ``None`` below two tasks)."""
-    per_task = {t: statistics.mean(g) for t, g in paired_gaps(runs, arm, split).items()}
-    vals = list(per_task.values())
-    mean = statistics.mean(vals) if vals else None
-    half = (T95.get(len(vals) - 1, 1.96) * statistics.stdev(vals) / len(vals) ** 0.5
-            if len(vals) > 1 else None)
-    seeds = {t: len(g) for t, g in paired_gaps(runs, arm, split).items()}
-    return {"arm": arm, "tasks": per_task, "seeds": seeds, "mean": mean, "half_width": half}
+    return {"arm": arm, **_over_tasks(paired_gaps(runs, arm, split))}
 
 
 def state_effect(runs: list[dict], arm: str, split: str = "test") -> dict:
@@ -104,19 +116,15 @@ def state_effect(runs: list[dict], arm: str, split: str = "test") -> dict:
     arms' mean ledger memory over those runs."""
     kept = arm.removesuffix("-release")
     rows = {(r["task"], r["arm"], r["seed"]): r for r in _policy_runs(runs)}
-    per_task: dict[str, list[float]] = {}
+    gaps: dict[str, list[float]] = {}
     mem: dict[str, list[float]] = {arm: [], kept: []}
     for (task, a, seed), r in sorted(rows.items()):
         twin = rows.get((task, kept, seed))
         if a == arm and twin is not None:
-            per_task.setdefault(task, []).append(100 * (r[f"{split}_acc"] - twin[f"{split}_acc"]))
+            gaps.setdefault(task, []).append(100 * (r[f"{split}_acc"] - twin[f"{split}_acc"]))
             mem[arm].append(r["memory_total"])
             mem[kept].append(twin["memory_total"])
-    vals = [statistics.mean(g) for g in per_task.values()]
-    half = (T95.get(len(vals) - 1, 1.96) * statistics.stdev(vals) / len(vals) ** 0.5
-            if len(vals) > 1 else None)
-    return {"arm": arm, "kept": kept, "seeds": {t: len(g) for t, g in per_task.items()},
-            "mean": statistics.mean(vals) if vals else None, "half_width": half,
+    return {"arm": arm, "kept": kept, **_over_tasks(gaps),
             "memory": {a: statistics.mean(m) if m else None for a, m in mem.items()}}
 
 
@@ -158,8 +166,7 @@ def report(runs: list[dict]) -> str:
         v, t = arm_summary(runs, arm, "val"), arm_summary(runs, arm, "test")
         if t["mean"] is None:
             continue
-        ci = (f" [{t['mean'] - t['half_width']:+.2f}, {t['mean'] + t['half_width']:+.2f}]"
-              if t["half_width"] is not None else " (one task: no interval)")
+        ci = _interval(t, " (one task: no interval)")
         tasks = ", ".join(f"{k} ({n})" for k, n in t["seeds"].items())
         lines.append(f"| {arm} | {tasks} | {v['mean']:+.2f} | {t['mean']:+.2f}{ci} |")
     chosen = choices(runs)
@@ -168,8 +175,7 @@ def report(runs: list[dict]) -> str:
                       "test gap, all its seeds [95% interval] |", "|---|---|---:|---:|"]
         for fam, c in chosen.items():
             t = c["test"]
-            ci = (f" [{t['mean'] - t['half_width']:+.2f}, {t['mean'] + t['half_width']:+.2f}]"
-                  if t["half_width"] is not None else "")
+            ci = _interval(t)
             lines.append(f"| {fam} | {c['arm']} ({', '.join(c['candidates'])}) | "
                          f"{c['val']:+.2f} | {t['mean']:+.2f}{ci} |")
     released = [a for a in _arms(runs) if a.endswith("-release")]
@@ -179,8 +185,7 @@ def report(runs: list[dict]) -> str:
         lines += ["", "| released minus kept | tasks (seeds) | val | test [95% interval] | "
                       "memory (MiB), released / kept |", "|---|---|---:|---:|---:|"]
         for v, t in effects:
-            ci = (f" [{t['mean'] - t['half_width']:+.2f}, {t['mean'] + t['half_width']:+.2f}]"
-                  if t["half_width"] is not None else "")
+            ci = _interval(t)
             tasks = ", ".join(f"{k} ({n})" for k, n in t["seeds"].items())
             m = t["memory"]
             lines.append(f"| {t['arm']} - {t['kept']} | {tasks} | {v['mean']:+.2f} | "
