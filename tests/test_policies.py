@@ -78,6 +78,14 @@ def test_badam_warns_exactly_when_a_run_leaves_blocks_untrained(order, interval,
     assert p.run_note(float("inf")) is None  # an open-ended run has no length
 
 
+def test_badam_run_shorter_than_its_blocks_is_told_no_interval_helps():
+    p = BAdamPolicy([f"u{i}" for i in range(53)], num_frozen=47, interval=1)  # 9 blocks
+    note = p.run_note(5)
+    assert "4 of the 9 blocks would never train" in note
+    assert "Even interval 1 reaches only 5 blocks: train at least 9 steps" in note
+    assert "Set interval" not in note
+
+
 def test_badam_random_order_visits_every_block_once_a_round():
     p = BAdamPolicy([f"u{i}" for i in range(9)], num_frozen=6, interval=1, order="random", seed=3)
     seen = []

@@ -273,11 +273,15 @@ class BAdamPolicy(RotationPolicy):
         elif starts:
             more = ", ..." if len(starts) > 4 else ""
             which = f" (the blocks starting at units {', '.join(starts[:4])}{more})"
+        if total_steps >= n_blocks:
+            fix = (f"Set interval <= {int(total_steps // n_blocks)} (SlimFitConfig(interval=...), "
+                   "Hydra +slimfit.interval=...) for every block to train at least once.")
+        else:  # even one step per block does not reach them all
+            fix = (f"Even interval 1 reaches only {total_steps:.0f} blocks: train at least "
+                   f"{n_blocks} steps, or lower freeze_rate (larger, fewer blocks).")
         return (f"policy 'badam': {n_blocks} blocks x interval {k} = {n_blocks * k} steps per "
                 f"round, more than this run's {total_steps:.0f}: {n_blocks - trained} of the "
-                f"{n_blocks} blocks would never train{which}. Set interval <= "
-                f"{max(1, int(total_steps // n_blocks))} (SlimFitConfig(interval=...), Hydra "
-                f"+slimfit.interval=...) for every block to train at least once.")
+                f"{n_blocks} blocks would never train{which}. {fix}")
 
     def _extra_state(self) -> dict[str, Any]:
         return {"order": self.order, "queue": list(self._queue)}
